@@ -1,0 +1,1 @@
+"""Fast CPU backend (being written; registers nothing yet)."""

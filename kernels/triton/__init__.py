@@ -1,0 +1,1 @@
+"""Triton GPU backend (being written; registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""vmamba.models."""
