@@ -1,0 +1,166 @@
+"""Checkpoint loading shared by the model families: safe file loading, envelopes, strict fitting.
+
+Official Vim and VMamba checkpoints are ``torch.save`` dicts that carry, beside the weights, pickled
+objects of the training script (an ``argparse.Namespace``, a yacs ``CfgNode``). ``torch.load`` with
+``weights_only=True`` refuses them; unpickling them for real would run foreign code. Here each such object
+is replaced by an inert stand-in (a plain dict subclass that only stores what it is given), so the
+tensors load with ``weights_only=True`` and nothing else is executed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "check_state_dict_fits",
+    "load_checkpoint_file",
+    "load_state_dict_strict",
+    "resolve_pretrained_file",
+    "select_state_dict",
+]
+
+_EMA_KEYS = ("model_ema", "state_dict_ema", "ema")
+_MODEL_KEYS = ("model", "state_dict")
+_PREFIXES = ("module.", "_orig_mod.")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_MAX_STAND_INS = 32
+
+
+def _stand_in(qualified_name: str) -> type:
+    """An allow-listable class named like the pickled one whose construction yields an empty OrderedDict.
+
+    The weights-only unpickler lets OrderedDicts receive items and attribute state, so whatever the
+    original object stored lands in that inert container; none of the original class's code runs.
+    """
+    module, _, name = qualified_name.rpartition(".")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> OrderedDict:
+        return OrderedDict()
+
+    return type(name, (), {"__module__": module or "builtins", "__new__": __new__})
+
+
+def _torch_load(path: str) -> Any:
+    """``torch.load(weights_only=True)``, with inert stand-ins for pickled non-tensor objects."""
+    stand_ins: dict[str, tuple[type, str]] = {}
+    for _ in range(_MAX_STAND_INS):
+        try:
+            with torch.serialization.safe_globals(list(stand_ins.values())):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            match = _UNSUPPORTED_GLOBAL.search(str(err))
+            if match is None or match.group(1) in stand_ins:
+                raise RuntimeError(f"cannot load {path} safely with weights_only=True: {err}") from err
+            name = match.group(1)
+            stand_ins[name] = (_stand_in(name), name)
+    raise RuntimeError(f"cannot load {path}: more than {_MAX_STAND_INS} pickled non-tensor objects")
+
+
+def select_state_dict(
+    checkpoint: Any, use_ema: bool = False, source: str = "checkpoint"
+) -> dict[str, Tensor]:
+    """The weights inside a checkpoint envelope, with wrapper prefixes stripped.
+
+    Picks ``model`` or ``state_dict`` (``model_ema``/``state_dict_ema``/``ema`` when ``use_ema``); a
+    dict of tensors is taken as it is. Strips ``module.`` and ``_orig_mod.`` prefixes, and the ``model.``
+    prefix of a Lightning checkpoint of our tasks (when every key carries it).
+    """
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"{source}: expected a dict of weights or an envelope, got {type(checkpoint).__name__}"
+        )
+    state_dict = checkpoint
+    wanted = _EMA_KEYS if use_ema else _MODEL_KEYS
+    for key in wanted:
+        if isinstance(checkpoint.get(key), dict):
+            state_dict = checkpoint[key]
+            break
+    else:
+        if use_ema:
+            raise ValueError(
+                f"{source}: EMA weights were requested but the file has none (top-level keys: "
+                f"{sorted(checkpoint)[:20]}); drop use_ema to load the model weights"
+            )
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise ValueError(f"{source}: no tensors found (top-level keys: {sorted(checkpoint)[:20]})")
+    for prefix in _PREFIXES:
+        tensors = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in tensors.items()}
+    if all(k.startswith("model.") for k in tensors) and "hyper_parameters" in checkpoint:
+        tensors = {k[len("model.") :]: v for k, v in tensors.items()}
+    return tensors
+
+
+def load_checkpoint_file(path: str | os.PathLike, use_ema: bool = False) -> dict[str, Tensor]:
+    """Weights from a local ``.safetensors`` or torch file (official envelope, Lightning or plain).
+
+    ``model`` weights by default (what the official evaluation scores); ``use_ema=True`` for the EMA ones.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return select_state_dict(load_file(path, device="cpu"), use_ema, path)
+    return select_state_dict(_torch_load(path), use_ema, path)
+
+
+def resolve_pretrained_file(pretrained: bool, kwargs: dict[str, Any]) -> None:
+    """Load ``pretrained_cfg_overlay=dict(file=..., use_ema=...)`` with our loader, in place.
+
+    timm's own file loader prefers EMA weights and refuses pickled configs; this replaces the ``file``
+    entry with ``state_dict`` (which timm hands to the model's ``checkpoint_filter_fn``).
+    """
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if not overlay:
+        return
+    overlay = dict(overlay)
+    use_ema = bool(overlay.pop("use_ema", False))
+    if pretrained and overlay.get("file"):
+        overlay["state_dict"] = load_checkpoint_file(overlay.pop("file"), use_ema=use_ema)
+    kwargs["pretrained_cfg_overlay"] = overlay
+
+
+def check_state_dict_fits(
+    model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint"
+) -> None:
+    """Raise a RuntimeError naming every missing, unexpected and wrongly shaped key."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+
+    def listing(title: str, items: list[str]) -> str:
+        shown = "\n    ".join(items[:25])
+        more = f"\n    ... and {len(items) - 25} more" if len(items) > 25 else ""
+        return f"\n  {title} ({len(items)}):\n    {shown}{more}" if items else ""
+
+    raise RuntimeError(
+        f"{source} does not fit {type(model).__name__}:"
+        + listing("missing keys", missing)
+        + listing("unexpected keys", unexpected)
+        + listing("shape mismatches", mismatched)
+        + "\nCheck that the architecture (variant, img_size, num_classes) matches the checkpoint."
+    )
+
+
+def load_state_dict_strict(
+    model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint"
+) -> None:
+    """Load all of ``state_dict`` into ``model`` or raise naming the keys that do not fit."""
+    check_state_dict_fits(model, state_dict, source)
+    model.load_state_dict(state_dict, strict=True)
