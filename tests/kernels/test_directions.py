@@ -59,7 +59,7 @@ def _direction_by_direction(u, delta, A, B, C, D, z, bias, directions, grid, mer
     for i, d in enumerate(directions):
         sl = slice(i * ch, (i + 1) * ch)
 
-        def order(t):
+        def order(t, d=d):
             return to_directions(t, [d], grid)[:, 0]
 
         y = selective_scan_reference(
