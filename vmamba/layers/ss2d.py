@@ -1,0 +1,166 @@
+"""SS2D: VMamba's 2-D selective-scan mixer, the released ``v05_noz`` forward (channel-first).
+
+For an input grid x (batch, C, H, W):
+
+1. ``in_proj`` (1x1 conv, no bias) to ``d_inner = ssm_ratio * C`` channels, a depthwise 3x3 ``conv2d``
+   and SiLU;
+2. per direction k (row-major, column-major and both reversed) the projections ``x_proj_weight[k]`` to
+   ``(dt, B, C)`` (ranks R, N, N) and ``dt_projs_weight[k]`` from R to ``d_inner``. Both act on one
+   position at a time, so they are computed once in storage order for all four directions;
+3. one :func:`~vmamba.kernels.multi_direction_selective_scan` call scans the four directions with their own
+   ``A = -exp(A_logs)``, ``D = Ds`` and ``delta_bias = dt_projs_bias`` (softplus on delta) and sums them
+   back onto the grid (VMamba's cross-merge); how the orders are realised is the kernel library's choice;
+4. ``out_norm`` (channel-first LayerNorm) and ``out_proj`` (1x1 conv, no bias).
+
+The parameter names and layouts are the official ones (``x_proj_weight`` (K, R+2N, D),
+``dt_projs_weight`` (K, D, R), ``dt_projs_bias`` (K, D), ``A_logs`` (K*D, N), ``Ds`` (K*D)), with the
+official "v0" initialisation. ``in_proj``/``out_proj`` are ``nn.Conv2d`` 1x1 (official checkpoints store
+them as 2-D Linear weights; the model's checkpoint filter reshapes them).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d, trunc_normal_
+from torch import Tensor, nn
+
+from vmamba.kernels import VMAMBA_DIRECTIONS, multi_direction_selective_scan
+
+__all__ = ["SS2D", "layer_norm_2d"]
+
+#: The official channel-first LayerNorm: an ``nn.LayerNorm`` over channels with the default eps 1e-5.
+#: timm's ``LayerNorm2d`` computes the same (permute, layer_norm, permute) but defaults to eps 1e-6.
+layer_norm_2d = partial(LayerNorm2d, eps=1e-5)
+
+
+class SS2D(nn.Module):
+    """Four-direction 2-D selective scan over a (batch, C, H, W) grid; returns the same shape.
+
+    Args:
+        dim: channels in and out (C).
+        d_state: SSM state size N (the released v2 models use 1).
+        ssm_ratio: ``d_inner = int(ssm_ratio * dim)``.
+        dt_rank: rank R of the delta projection; ``"auto"`` is ``ceil(dim / 16)``.
+        d_conv: kernel size of the depthwise convolution (``< 2`` means none).
+        conv_bias: give the depthwise convolution a bias (False in the released v2 models).
+        act_layer: activation after the depthwise convolution.
+        norm_layer: channel-first norm applied to the merged scan output (``out_norm``).
+        dt_min, dt_max, dt_init_floor, dt_scale: the delta initialisation of Mamba.
+        proj_drop: dropout after ``out_proj``.
+        scan_backend: selective-scan backend, see :func:`vmamba.kernels.selective_scan`.
+    """
+
+    directions = VMAMBA_DIRECTIONS
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 1,
+        ssm_ratio: float = 1.0,
+        dt_rank: int | str = "auto",
+        d_conv: int = 3,
+        conv_bias: bool = False,
+        act_layer: type[nn.Module] = nn.SiLU,
+        norm_layer: type[nn.Module] | partial = layer_norm_2d,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_scale: float = 1.0,
+        proj_drop: float = 0.0,
+        scan_backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        k = len(self.directions)
+        self.dim = dim
+        self.d_state = d_state
+        self.d_inner = int(ssm_ratio * dim)
+        self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
+        self.scan_backend = scan_backend
+        self._dt_init = (dt_min, dt_max, dt_init_floor, dt_scale)
+        d_inner, rank = self.d_inner, self.dt_rank
+
+        self.in_proj = nn.Conv2d(dim, d_inner, 1, bias=False, **dd)
+        self.conv2d = (
+            nn.Conv2d(
+                d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias, **dd
+            )
+            if d_conv > 1
+            else nn.Identity()
+        )
+        self.act = act_layer()
+        self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, d_inner, **dd))
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, rank, **dd))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner, **dd))
+        # A and D stay float32 whatever the model dtype, as in Mamba.
+        self.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state, device=device, dtype=torch.float32))
+        self.Ds = nn.Parameter(torch.empty(k * d_inner, device=device, dtype=torch.float32))
+        self.out_norm = norm_layer(d_inner, **dd)
+        self.out_proj = nn.Conv2d(d_inner, dim, 1, bias=False, **dd)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The official "v0" initialisation (Mamba's dt/A/D init, trunc-normal 0.02 projections)."""
+        dt_min, dt_max, dt_floor, dt_scale = self._dt_init
+        trunc_normal_(self.in_proj.weight, std=0.02)
+        trunc_normal_(self.out_proj.weight, std=0.02)
+        if isinstance(self.conv2d, nn.Conv2d):
+            self.conv2d.reset_parameters()
+        # Each direction's x_proj is an nn.Linear(d_inner, R + 2N) with PyTorch's default init.
+        bound = 1.0 / math.sqrt(self.d_inner)
+        self.x_proj_weight.uniform_(-bound, bound)
+        std = self.dt_rank**-0.5 * dt_scale
+        self.dt_projs_weight.uniform_(-std, std)
+        # softplus(dt_projs_bias) is log-uniform in [dt_min, dt_max]: store its inverse softplus.
+        dt = torch.exp(
+            torch.rand(self.dt_projs_bias.shape, device=self.dt_projs_bias.device)
+            * (math.log(dt_max) - math.log(dt_min))
+            + math.log(dt_min)
+        ).clamp(min=dt_floor)
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        a = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_logs.device)
+        self.A_logs.copy_(torch.log(a).expand_as(self.A_logs))
+        self.Ds.fill_(1.0)
+        self.out_norm.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, _, height, width = x.shape
+        k, rank, n = len(self.directions), self.dt_rank, self.d_state
+        x = self.act(self.conv2d(self.in_proj(x)))
+        xs = x.flatten(2)  # (batch, d_inner, L), storage (row-major) order
+        # Per-position projections, all directions at once: (batch, K*(R+2N), L).
+        x_dbl = F.conv1d(xs, self.x_proj_weight.flatten(0, 1)[:, :, None])
+        dts, bs, cs = x_dbl.unflatten(1, (k, rank + 2 * n)).split([rank, n, n], dim=2)
+        # (batch, K*R, L) -> (batch, K*d_inner, L), direction k through dt_projs_weight[k].
+        dts = F.conv1d(dts.flatten(1, 2), self.dt_projs_weight.flatten(0, 1)[:, :, None], groups=k)
+        y = multi_direction_selective_scan(
+            xs,
+            dts,
+            -torch.exp(self.A_logs.float()),
+            bs,
+            cs,
+            self.Ds.float(),
+            None,
+            self.dt_projs_bias.flatten().float(),
+            True,
+            directions=self.directions,
+            grid_size=(height, width),
+            merge="sum",
+            backend=self.scan_backend,
+        )
+        y = self.out_norm(y.view(batch, self.d_inner, height, width)).to(x.dtype)
+        return self.proj_drop(self.out_proj(y))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}, "
+            f"directions={self.directions}"
+        )
