@@ -45,6 +45,9 @@ class ScanBackend:
     backward: Callable
     is_available: Callable[[torch.device], bool]
     unavailable_reason: Callable[[torch.device], str] = lambda device: "not available"
+    # Optional fused multi-direction scan with the signature of
+    # ``vmamba.kernels.multi_direction_selective_scan`` (without ``backend``); None: one grouped scan call.
+    multi_direction: Callable | None = None
 
 
 _REGISTRY: dict[str, ScanBackend] = {}

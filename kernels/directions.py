@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .backends import resolve_backend
 from .selective_scan import selective_scan
 
 __all__ = [
@@ -172,11 +173,29 @@ def multi_direction_selective_scan(
         raise ValueError(
             f"B and C must be (batch, K*G, N, L) with K={k}, got {tuple(B.shape)} and {tuple(C.shape)}"
         )
+    impl = resolve_backend(backend, u.device)
+    if impl is not None and impl.multi_direction is not None and not torch.onnx.is_in_onnx_export():
+        # A fused kernel realises the orders itself: the direction sequences are never materialised.
+        return impl.multi_direction(
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            delta_softplus,
+            directions=names,
+            grid_size=grid_size,
+            merge=merge,
+        )
     us = _per_direction(u, k, "u", channels, names, grid_size)
     deltas = _per_direction(delta, k, "delta", channels, names, grid_size)
     zs = _per_direction(z, k, "z", channels, names, grid_size)
     groups = B.shape[1] // k
     Bs = _per_direction(B.flatten(1, 2), k, "B", groups * B.shape[2], names, grid_size).view(B.shape)
     Cs = _per_direction(C.flatten(1, 2), k, "C", groups * C.shape[2], names, grid_size).view(C.shape)
-    ys = selective_scan(us, deltas, A, Bs, Cs, D, zs, delta_bias, delta_softplus, backend=backend)
+    name = "reference" if impl is None else impl.name
+    ys = selective_scan(us, deltas, A, Bs, Cs, D, zs, delta_bias, delta_softplus, backend=name)
     return from_directions(ys.unflatten(1, (k, channels)), names, grid_size, merge)

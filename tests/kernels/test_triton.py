@@ -1,0 +1,542 @@
+"""The Triton backend: kernels against the float64 reference, the fused multi-direction scan, dispatch.
+
+Without a GPU the kernels run under Triton's interpreter. Triton chooses compiled or interpreted kernels
+when it is first imported (and torch imports it early), so ``TRITON_INTERPRET=1`` cannot be switched on
+inside this pytest process: :func:`test_kernels_under_interpreter` runs this file again in a subprocess
+with the variable set from the start, where the ``interpreter`` tests below run and the rest skip. GPU
+tests are marked ``gpu`` and skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vmamba.kernels import multi_direction_selective_scan, selective_scan
+from vmamba.kernels.backends import available_backends, get_backend, resolve_backend
+
+triton = pytest.importorskip("triton")
+
+from vmamba.kernels.triton import (  # noqa: E402
+    INTERPRETED,
+    is_available,
+    triton_multi_direction_scan,
+    unavailable_reason,
+)
+
+HAS_CUDA = torch.cuda.is_available() and not INTERPRETED
+interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+# (rtol, atol) against the float64 reference, as in mamba_ssm's tests.
+TOL = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (6e-4, 2e-3),
+    torch.float16: (3e-3, 5e-3),
+    torch.bfloat16: (3e-2, 5e-2),
+}
+
+
+def _vectorise_interpreter_scans() -> None:
+    """Make the interpreter's scans/reductions with a custom combine function step along the axis only.
+
+    The interpreter calls the combine function once per element; these replacements call it once per
+    position along the axis, on whole slices, folding in the same order, so results are unchanged and
+    the tests run several times faster. Only used by this test module, only under the interpreter.
+    """
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    def fold(self, input, axis, keep_all):
+        moved = [np.moveaxis(arg.handle.data, axis, 0) for arg in input]
+        acc, steps = None, []
+        for t in range(moved[0].shape[0]):
+            cur = tuple(self.to_tensor(m[t], arg.dtype) for m, arg in zip(moved, input))
+            if acc is None:
+                acc = cur
+            else:
+                ret = self.combine_fn.fn(*acc, *cur)
+                acc = ret if isinstance(ret, tuple) else (ret,)
+            if keep_all:
+                steps.append([np.asarray(a.handle.data).reshape(m[t].shape) for a, m in zip(acc, moved)])
+        return acc, steps
+
+    def generic_scan(self, input):
+        _, steps = fold(self, input, self.axis, True)
+        return [
+            self.to_tensor(np.moveaxis(np.stack([s[i] for s in steps]), 0, self.axis), arg.dtype)
+            for i, arg in enumerate(input)
+        ]
+
+    def generic_reduce(self, input):
+        original_axis = self.axis
+        input, axis = self.unravel(input, self.axis)
+        shape = input[0].handle.data.shape
+        acc, _ = fold(self, input, axis, False)
+        ret = []
+        for a, arg in zip(acc, input):
+            data = np.asarray(a.handle.data).reshape(shape[:axis] + shape[axis + 1 :])
+            if self.keep_dims:
+                data = (
+                    np.expand_dims(data, axis)
+                    if original_axis is not None
+                    else data.reshape((1,) * len(shape))
+                )
+            elif original_axis is None:
+                data = data.item()
+            ret.append(self.to_tensor(data, arg.dtype))
+        return ret
+
+    interp.ScanOps.generic_scan = generic_scan
+    interp.ReduceOps.generic_reduce = generic_reduce
+
+
+if INTERPRETED:
+    _vectorise_interpreter_scans()
+
+
+def make_inputs(
+    batch,
+    dim,
+    length,
+    dstate,
+    groups,
+    dtype=torch.float64,
+    weight_dtype=None,
+    D=True,
+    z=True,
+    bias=True,
+    device="cpu",
+):
+    """Random scan inputs with grouped B/C; ``weight_dtype`` for A, D, delta_bias (fp32 under AMP)."""
+    gen = torch.Generator().manual_seed(batch * 1000 + dim * 100 + length * 10 + dstate + groups)
+    weight_dtype = weight_dtype or dtype
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dt).to(device)
+
+    return dict(
+        u=rnd(batch, dim, length),
+        delta=rnd(batch, dim, length, scale=0.5),
+        A=(-torch.rand(dim, dstate, generator=gen, dtype=torch.float64) * 2 - 0.1)
+        .to(weight_dtype)
+        .to(device),
+        B=rnd(batch, groups, dstate, length),
+        C=rnd(batch, groups, dstate, length),
+        D=rnd(dim, dt=weight_dtype) if D else None,
+        z=rnd(batch, dim, length) if z else None,
+        delta_bias=rnd(dim, scale=0.5, dt=weight_dtype) if bias else None,
+    )
+
+
+def _leaves(inputs, to=None):
+    return {
+        k: None if v is None else v.detach().clone().to(to or v.dtype).requires_grad_(True)
+        for k, v in inputs.items()
+    }
+
+
+def _weights(like, rounded_to, seed):
+    """Random loss weights for ``like``, rounded to ``rounded_to`` so that both runs use the same ones."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(like.shape, generator=gen, dtype=torch.float64).to(rounded_to)
+    return w.to(like.dtype).to(like.device)
+
+
+def run_scan(inputs, softplus, backend, last, to=None):
+    """Output, last state and every input gradient of a weighted sum of out (and the last state)."""
+    leaves = _leaves(inputs, to)
+    out, state = selective_scan(**leaves, delta_softplus=softplus, return_last_state=True, backend=backend)
+    io_dtype = inputs["u"].dtype
+    loss = (out * _weights(out, io_dtype, 1)).sum()
+    if last:
+        loss = (
+            loss
+            + (state * _weights(state, torch.float32 if io_dtype != torch.float64 else io_dtype, 2)).sum()
+        )
+    loss.backward()
+    return out, state, {k: v.grad for k, v in leaves.items() if v is not None}
+
+
+def assert_close(actual, expected, dtype, what):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def check_against_reference(inputs, softplus, last=True):
+    """Triton's output, last state and gradients against the reference run in float64 on the same inputs.
+
+    The last state is computed in float32 from the same (rounded) inputs, so it gets float32's tolerance
+    whatever the input dtype.
+    """
+    io_dtype = inputs["u"].dtype
+    out, state, grads = run_scan(inputs, softplus, "triton", last)
+    ref_out, ref_state, ref_grads = run_scan(inputs, softplus, "reference", last, to=torch.float64)
+    assert out.dtype == io_dtype
+    assert state.dtype == (torch.float64 if io_dtype == torch.float64 else torch.float32)
+    assert_close(out, ref_out, io_dtype, "out")
+    assert_close(state, ref_state, state.dtype, "last state")
+    for name in grads:
+        assert grads[name].dtype == inputs[name].dtype, name
+        assert_close(grads[name], ref_grads[name], io_dtype, f"d{name}")
+
+
+# --- the kernels under the interpreter -------------------------------------------------------------------
+
+SHAPES = [  # (batch, dim, L, N, groups)
+    (1, 4, 1, 4, 1),  # a single token
+    (2, 8, 17, 1, 2),  # odd L across chunk boundaries, N = 1, two groups
+    (1, 8, 40, 16, 1),  # N = 16, several blocks of channels in one group
+    (2, 4, 9, 3, 1),  # N not a power of two
+    (1, 6, 16, 2, 3),  # two channels per group, L a multiple of the chunk
+]
+
+
+@interpreter
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}d{}L{}N{}G{}".format(*s))
+def test_forward_backward_float64(shape):
+    check_against_reference(make_inputs(*shape), softplus=True)
+
+
+@interpreter
+@pytest.mark.parametrize("softplus", [False, True])
+def test_without_optional_inputs(softplus):
+    inputs = make_inputs(2, 4, 11, 4, 2, D=False, z=False, bias=False)
+    inputs["delta"] = inputs["delta"].abs()  # a positive step without softplus
+    check_against_reference(inputs, softplus=softplus)
+
+
+@interpreter
+def test_gradient_through_last_state_only():
+    inputs = make_inputs(1, 4, 13, 4, 1)
+    leaves = _leaves(inputs)
+    _, state = selective_scan(**leaves, delta_softplus=True, return_last_state=True, backend="triton")
+    state.sum().backward()
+    ref = _leaves(inputs)
+    _, ref_state = selective_scan(**ref, delta_softplus=True, return_last_state=True, backend="reference")
+    ref_state.sum().backward()
+    for name in NAMES:
+        expected = ref[name].grad  # None where the last state does not depend on the input (C, D, z)
+        expected = torch.zeros_like(ref[name]) if expected is None else expected
+        assert_close(leaves[name].grad, expected, torch.float64, f"d{name}")
+
+
+@interpreter
+@pytest.mark.parametrize(
+    "io_dtype,weight_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)],
+    ids=["fp32", "bf16-fp32-weights", "fp16"],
+)
+def test_low_precision_inputs(io_dtype, weight_dtype):
+    check_against_reference(make_inputs(2, 8, 21, 16, 2, dtype=io_dtype, weight_dtype=weight_dtype), True)
+
+
+@interpreter
+def test_non_contiguous_inputs():
+    inputs = make_inputs(2, 8, 12, 4, 1)
+    inputs["u"] = inputs["u"].transpose(1, 2).contiguous().transpose(1, 2)
+    inputs["B"] = inputs["B"].transpose(2, 3).contiguous().transpose(2, 3)
+    assert not inputs["u"].is_contiguous()
+    check_against_reference(inputs, softplus=True)
+
+
+def _direction_inputs(
+    batch, channels, length, dstate, groups, k, shared_u, shared_z, dtype=torch.float64, z=True
+):
+    """Inputs of a K-direction scan: u and z shared by the directions or one block each."""
+    base = make_inputs(batch, k * channels, length, dstate, k * groups, dtype=dtype)
+    base["u"] = base["u"][:, :channels].contiguous() if shared_u else base["u"]
+    if not z:
+        base["z"] = None
+    elif shared_z:
+        base["z"] = base["z"][:, :channels].contiguous()
+    return base
+
+
+def run_directions(inputs, fn, to=None, **kwargs):
+    leaves = _leaves(inputs, to)
+    out = fn(**leaves, delta_softplus=True, **kwargs)
+    (out * _weights(out, inputs["u"].dtype, 3)).sum().backward()
+    return out, {k: v.grad for k, v in leaves.items() if v is not None}
+
+
+DIRECTION_CASES = [
+    # (batch, C, grid, N, G, directions, merge, shared u, shared z)
+    (1, 4, (3, 5), 4, 1, ("row", "col", "row_reversed", "col_reversed"), "sum", True, None),  # SS2D, no z
+    (2, 4, (1, 13), 4, 1, ("forward", "backward"), "mean", False, True),  # Vim: own u, shared z
+    (1, 4, (4, 3), 1, 2, ("col_reversed", "row", "col"), "none", False, False),
+    (1, 2, (5, 2), 16, 1, ("col", "row_reversed"), "sum", True, True),
+]
+
+
+@interpreter
+@pytest.mark.parametrize("case", DIRECTION_CASES, ids=lambda c: "-".join(c[5]) + f"-{c[6]}")
+def test_multi_direction_matches_reference(case):
+    batch, channels, grid, dstate, groups, directions, merge, shared_u, shared_z = case
+    length = grid[0] * grid[1]
+    inputs = _direction_inputs(
+        batch,
+        channels,
+        length,
+        dstate,
+        groups,
+        len(directions),
+        shared_u,
+        bool(shared_z),
+        z=shared_z is not None,
+    )
+    kwargs = dict(directions=directions, grid_size=grid, merge=merge)
+    out, grads = run_directions(inputs, triton_multi_direction_scan, **kwargs)
+    ref_out, ref_grads = run_directions(
+        inputs, lambda **kw: multi_direction_selective_scan(**kw, backend="reference"), **kwargs
+    )
+    assert out.shape == ref_out.shape
+    assert_close(out, ref_out, torch.float64, "out")
+    assert set(grads) == set(ref_grads)
+    for name in grads:
+        assert grads[name].shape == inputs[name].shape
+        assert_close(grads[name], ref_grads[name], torch.float64, f"d{name}")
+
+
+@interpreter
+def test_multi_direction_bfloat16():
+    inputs = _direction_inputs(2, 4, 12, 4, 1, 4, True, False, dtype=torch.bfloat16)
+    kwargs = dict(directions=("row", "col", "row_reversed", "col_reversed"), grid_size=(3, 4), merge="sum")
+    out, grads = run_directions(inputs, triton_multi_direction_scan, **kwargs)
+    ref_out, ref_grads = run_directions(
+        inputs,
+        lambda **kw: multi_direction_selective_scan(**kw, backend="reference"),
+        to=torch.float64,
+        **kwargs,
+    )
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref_out, torch.bfloat16, "out")
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], torch.bfloat16, f"d{name}")
+
+
+@interpreter
+def test_multi_direction_without_grad_saves_nothing():
+    inputs = _direction_inputs(1, 4, 6, 4, 1, 2, True, True)
+    with torch.no_grad():
+        out = triton_multi_direction_scan(**inputs, delta_softplus=True, directions=("forward", "backward"))
+    ref = multi_direction_selective_scan(
+        **inputs, delta_softplus=True, directions=("forward", "backward"), backend="reference"
+    )
+    assert_close(out, ref, torch.float64, "out")
+
+
+@interpreter
+def test_backend_runs_on_cpu_under_interpreter():
+    assert "triton" in available_backends("cpu")
+    assert is_available(torch.device("cpu"))
+    # "auto" never picks Triton for CPU tensors, even here.
+    assert resolve_backend("auto", torch.device("cpu")).name != "triton"
+
+
+# --- argument checks of the fused multi-direction scan (no kernel runs) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(directions=()), "at least one direction"),
+        (dict(directions=("diagonal",)), "unknown scan direction"),
+        (dict(directions=("row", "col")), "needs grid_size"),
+        (dict(directions=("row", "col"), grid_size=(2, 5)), "has 10 cells"),
+        (dict(directions=("row", "row_reversed"), merge="max"), "merge must be one of"),
+    ],
+)
+def test_multi_direction_argument_errors(kwargs, match):
+    inputs = _direction_inputs(1, 4, 12, 4, 1, 2, True, True)
+    with pytest.raises(ValueError, match=match):
+        triton_multi_direction_scan(**inputs, **kwargs)
+
+
+def test_multi_direction_shape_errors():
+    inputs = _direction_inputs(1, 4, 12, 4, 1, 2, True, True)
+    bad_u = dict(inputs, u=inputs["u"][:, :3])
+    with pytest.raises(ValueError, match="u must be"):
+        triton_multi_direction_scan(**bad_u, directions=("forward", "backward"))
+    bad_a = dict(inputs, A=inputs["A"][:4])
+    with pytest.raises(ValueError, match="A must be"):
+        triton_multi_direction_scan(**bad_a, directions=("forward", "backward"))
+
+
+# --- dispatch (this process) ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(INTERPRETED, reason="checks the behaviour without the interpreter")
+def test_cpu_tensors_need_the_interpreter():
+    assert "triton" not in available_backends("cpu")
+    assert resolve_backend("auto", torch.device("cpu")).name != "triton"
+    inputs = make_inputs(1, 4, 5, 2, 1)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        selective_scan(**inputs, backend="triton")
+    assert "TRITON_INTERPRET=1" in unavailable_reason(torch.device("cpu"))
+
+
+def test_cuda_devices_are_available_when_triton_imports():
+    assert is_available(torch.device("cuda"))
+    assert not is_available(torch.device("meta"))
+    assert get_backend("triton").name == "triton"
+
+
+@pytest.mark.skipif(INTERPRETED, reason="runs once, in the main process")
+def test_kernels_import_without_triton():
+    """``import vmamba.kernels`` works where triton is missing; the backend then says why it cannot run."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from vmamba.kernels import available_backends, selective_scan\n"
+        "from vmamba.kernels.backends import get_backend\n"
+        "assert 'triton' not in available_backends('cuda'), available_backends('cuda')\n"
+        "print(get_backend('triton').unavailable_reason(torch.device('cuda')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "triton is not importable" in result.stdout
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the driver of the interpreter run")
+def test_kernels_under_interpreter():
+    """Run this file's ``interpreter`` tests in a fresh process with TRITON_INTERPRET=1."""
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    env.pop("VMAMBA_SCAN_BACKEND", None)
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        __file__,
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "not gpu",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+# --- compiling for a GPU without one ------------------------------------------------------------------------
+
+
+def _compile_for_sm90(kernel, constexprs: dict, io: str) -> bytes:
+    """Compile ``kernel`` to an sm_90 cubin (Triton ships ptxas, so no GPU or driver is needed)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    activations = (
+        "u_ptr",
+        "delta_ptr",
+        "z_ptr",
+        "out_ptr",
+        "B_ptr",
+        "C_ptr",
+        "dout_ptr",
+        "du_ptr",
+        "ddelta_ptr",
+        "dz_ptr",
+    )
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name == "dirs_ptr":
+            signature[name] = "*i32"
+        elif name.endswith("_ptr"):
+            signature[name] = f"*{io}" if name in activations else "*fp32"
+        else:
+            signature[name] = "fp32" if name == "dout_scale" else "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": True}
+    ).asm["cubin"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter run checks the numbers; this checks compilation")
+@pytest.mark.skipif("nvidia" not in getattr(triton.backends, "backends", {}), reason="no NVIDIA backend")
+def test_kernels_compile_for_sm90():
+    """Everything the interpreter accepts must also compile: both kernels, every feature on, bf16 I/O."""
+    import triton.language as tl
+
+    from vmamba.kernels.triton.scan_bwd import _scan_bwd_kernel
+    from vmamba.kernels.triton.scan_fwd import _scan_fwd_kernel
+
+    flags = dict(
+        BLOCK_N=16,
+        MATH=tl.float32,
+        HAS_D=True,
+        HAS_Z=True,
+        HAS_BIAS=True,
+        SOFTPLUS=True,
+        HAS_DIRS=True,
+        CHUNK=32,
+        BLOCK_D=2,
+    )
+    stores = dict(STORE_OUT=True, STORE_LAST=True, STORE_STATES=True)
+    assert _compile_for_sm90(_scan_fwd_kernel, dict(flags, **stores), "bf16")
+    assert _compile_for_sm90(_scan_bwd_kernel, dict(flags, HAS_DLAST=True), "bf16")
+
+
+# --- on a GPU --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 64, 1030, 16, 1), (2, 96, 257, 1, 1), (1, 128, 197, 16, 2)])
+def test_gpu_matches_reference(shape, dtype):
+    check_against_reference(make_inputs(*shape, dtype=dtype, weight_dtype=torch.float32, device="cuda"), True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_auto_picks_triton():
+    assert resolve_backend("auto", torch.device("cuda")).name == "triton"
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("case", DIRECTION_CASES, ids=lambda c: "-".join(c[5]) + f"-{c[6]}")
+def test_gpu_multi_direction(case):
+    batch, channels, grid, dstate, groups, directions, merge, shared_u, shared_z = case
+    grid = (grid[0] * 7, grid[1] * 5)
+    length = grid[0] * grid[1]
+    inputs = _direction_inputs(
+        batch,
+        channels * 8,
+        length,
+        dstate,
+        groups,
+        len(directions),
+        shared_u,
+        bool(shared_z),
+        z=shared_z is not None,
+        dtype=torch.float32,
+    )
+    inputs = {k: None if v is None else v.cuda() for k, v in inputs.items()}
+    kwargs = dict(directions=directions, grid_size=grid, merge=merge)
+    out, grads = run_directions(inputs, triton_multi_direction_scan, **kwargs)
+    ref_out, ref_grads = run_directions(
+        inputs,
+        lambda **kw: multi_direction_selective_scan(**kw, backend="reference"),
+        to=torch.float64,
+        **kwargs,
+    )
+    assert_close(out, ref_out, torch.float32, "out")
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], torch.float32, f"d{name}")
