@@ -5,3 +5,5 @@ works afterwards.
 """
 
 __version__ = "0.1.0"
+
+from . import models  # noqa: F401  (registers the models with timm)

@@ -1,0 +1,181 @@
+"""Vim's bidirectional Mamba mixer ("bimamba v2") on top of the multi-direction selective scan."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vmamba.kernels import VIM_DIRECTIONS, multi_direction_selective_scan
+
+__all__ = ["BiMambaMixer", "init_dt_bias_"]
+
+
+def init_dt_bias_(
+    bias: Tensor, dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4
+) -> Tensor:
+    """Fill ``bias`` so that ``softplus(bias)`` is log-uniform in [dt_min, dt_max] (Mamba's dt init).
+
+    The step sizes are drawn log-uniformly, floored at ``dt_init_floor``, and passed through the inverse of
+    softplus, ``dt + log(1 - exp(-dt))``.
+    """
+    with torch.no_grad():
+        log_dt = torch.rand_like(bias, dtype=torch.float32) * (math.log(dt_max) - math.log(dt_min))
+        dt = torch.exp(log_dt + math.log(dt_min)).clamp(min=dt_init_floor)
+        return bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+class BiMambaMixer(nn.Module):
+    """Bidirectional Mamba mixer of Vim (arXiv 2401.09417), the official "bimamba v2": (B, L, D) -> (B, L, D).
+
+    ``in_proj`` and ``out_proj`` are shared; each direction has its own depthwise causal ``conv1d``,
+    ``x_proj``, ``dt_proj``, ``A_log`` and ``D`` (the backward ones carry the official ``_b`` suffix, so
+    official checkpoints load by name). The backward direction reads the sequence back to front; both are
+    gated by the same ``z`` and their outputs are averaged before ``out_proj``. Both directions run as the
+    two groups of one :func:`vmamba.kernels.multi_direction_selective_scan` call, which computes in float32.
+
+    Initialisation follows the official model: ``A_log = log(1..N)``, ``D = 1``, the forward ``dt_proj.bias``
+    the inverse softplus of log-uniform steps in [dt_min, dt_max] and ``dt_proj.weight`` uniform in
+    +-dt_rank**-0.5. The official code then zeroes every Linear bias not flagged ``_no_reinit``, which
+    includes ``dt_proj_b.bias``: the backward steps start at softplus(0) = 0.69 and ``dt_proj_b.weight``
+    keeps PyTorch's default init. That is the default here (``symmetric_dt_init=False``);
+    ``symmetric_dt_init=True`` initialises the backward ``dt_proj_b`` like the forward one.
+
+    Args:
+        dim: model width D.
+        d_state: SSM state size N.
+        d_conv: depthwise convolution width.
+        expand: inner width E = expand * D.
+        dt_rank: rank of the step-size projection, ``"auto"`` = ceil(D / 16).
+        dt_min, dt_max, dt_init_floor: range of the initial step sizes.
+        conv_bias: give the convolutions a bias.
+        bias: give in_proj and out_proj a bias.
+        symmetric_dt_init: initialise the backward step-size projection like the forward one.
+        scan_backend: selective-scan backend (``"auto"`` picks the best for the device).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        symmetric_dt_init: bool = False,
+        scan_backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.dim = dim
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = int(expand * dim)
+        self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.symmetric_dt_init = symmetric_dt_init
+        self.scan_backend = scan_backend
+
+        self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=bias, **dd)
+        # Forward direction (official names).
+        self.conv1d = self._make_conv(conv_bias, dd)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **dd)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **dd)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.d_inner, device=device, dtype=torch.float32))
+        # Backward direction.
+        self.conv1d_b = self._make_conv(conv_bias, dd)
+        self.x_proj_b = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **dd)
+        self.dt_proj_b = nn.Linear(self.dt_rank, self.d_inner, bias=True, **dd)
+        self.A_b_log = nn.Parameter(torch.empty(self.d_inner, d_state, device=device, dtype=torch.float32))
+        self.D_b = nn.Parameter(torch.empty(self.d_inner, device=device, dtype=torch.float32))
+
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=bias, **dd)
+        self.reset_ssm_parameters()
+
+    def _make_conv(self, conv_bias: bool, dd: dict) -> nn.Conv1d:
+        return nn.Conv1d(
+            self.d_inner,
+            self.d_inner,
+            kernel_size=self.d_conv,
+            groups=self.d_inner,
+            padding=self.d_conv - 1,
+            bias=conv_bias,
+            **dd,
+        )
+
+    def reset_ssm_parameters(self) -> None:
+        """(Re)initialise the SSM parameters (A, D, step-size projections) as the official model does."""
+        with torch.no_grad():
+            a_log = torch.log(
+                torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+            )
+            for a in (self.A_log, self.A_b_log):
+                a.copy_(a_log.expand_as(a))
+            self.D.fill_(1.0)
+            self.D_b.fill_(1.0)
+            dt_std = self.dt_rank**-0.5
+            nn.init.uniform_(self.dt_proj.weight, -dt_std, dt_std)
+            init_dt_bias_(self.dt_proj.bias, self.dt_min, self.dt_max, self.dt_init_floor)
+            if self.symmetric_dt_init:
+                nn.init.uniform_(self.dt_proj_b.weight, -dt_std, dt_std)
+                init_dt_bias_(self.dt_proj_b.bias, self.dt_min, self.dt_max, self.dt_init_floor)
+            else:
+                self.dt_proj_b.reset_parameters()  # PyTorch default weight, as left by the official code
+                self.dt_proj_b.bias.zero_()  # zeroed by the official model-level init
+
+    def _scan_inputs(self, u: Tensor, x_proj: nn.Linear, dt_proj: nn.Linear) -> tuple[Tensor, Tensor, Tensor]:
+        """One direction's (delta, B, C) from its conv output u (B, E, L); dt_proj's bias is applied in the scan."""
+        dt, b, c = x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L)
+        return delta, b.transpose(1, 2), c.transpose(1, 2)  # B, C: (B, N, L)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        """hidden_states (B, L, D) -> (B, L, D)."""
+        length = hidden_states.shape[1]
+        xz = self.in_proj(hidden_states.to(self.in_proj.weight.dtype)).transpose(1, 2)  # (B, 2E, L)
+        x, z = xz.chunk(2, dim=1)
+        # Forward direction: causal depthwise conv (keep the first L outputs of the padded conv).
+        u_f = F.silu(self.conv1d(x)[..., :length])
+        # Backward direction: a causal conv over the reversed sequence is, in storage order, an anti-causal
+        # conv with the kernel reversed (pad on the right instead of the left).
+        u_b = F.silu(
+            F.conv1d(
+                F.pad(x, (0, self.d_conv - 1)),
+                self.conv1d_b.weight.flip(-1),
+                self.conv1d_b.bias,
+                groups=self.d_inner,
+            )
+        )
+        delta_f, b_f, c_f = self._scan_inputs(u_f, self.x_proj, self.dt_proj)
+        delta_b, b_b, c_b = self._scan_inputs(u_b, self.x_proj_b, self.dt_proj_b)
+
+        y = multi_direction_selective_scan(
+            torch.cat([u_f, u_b], dim=1),
+            torch.cat([delta_f, delta_b], dim=1),
+            -torch.exp(torch.cat([self.A_log, self.A_b_log]).float()),
+            torch.stack([b_f, b_b], dim=1),  # (B, 2, N, L), one group per direction
+            torch.stack([c_f, c_b], dim=1),
+            torch.cat([self.D, self.D_b]).float(),
+            z,  # shared gate, in storage order
+            torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
+            delta_softplus=True,
+            directions=VIM_DIRECTIONS,
+            merge="mean",
+            backend=self.scan_backend,
+        )
+        return self.out_proj(y.transpose(1, 2))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
+            f"dt_rank={self.dt_rank}, symmetric_dt_init={self.symmetric_dt_init}"
+        )

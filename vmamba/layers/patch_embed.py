@@ -1,0 +1,83 @@
+"""Patch embedding with a stride that may differ from the patch size."""
+
+from __future__ import annotations
+
+from timm.layers import to_2tuple
+from torch import Tensor, nn
+
+__all__ = ["PatchEmbed"]
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, C, H, W) -> grid of patch embeddings (B, H', W', D) through one strided convolution.
+
+    Unlike timm's ``PatchEmbed`` the stride is a separate argument: Vim's long-sequence "+" models cut 16x16
+    patches every 8 pixels. The grid has ``(H - patch) // stride + 1`` rows (likewise for columns).
+
+    Args:
+        img_size: the input size the position embedding is built for.
+        patch_size: kernel size of the projection.
+        stride: step between patches (default: ``patch_size``, non-overlapping patches).
+        in_chans: input channels.
+        embed_dim: output channels.
+        strict_img_size: reject inputs whose size differs from ``img_size``.
+        bias: give the projection a bias.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        stride: int | tuple[int, int] | None = None,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        strict_img_size: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.stride = to_2tuple(stride if stride is not None else patch_size)
+        self.strict_img_size = strict_img_size
+        self.grid_size = self.dynamic_feat_size(self.img_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(
+            in_chans,
+            embed_dim,
+            kernel_size=self.patch_size,
+            stride=self.stride,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
+
+    def feat_ratio(self, as_scalar: bool = True) -> int | tuple[int, int]:
+        """Input pixels per output token along each axis (the stride)."""
+        return max(self.stride) if as_scalar else self.stride
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """Grid size (rows, cols) of the output for an input of ``img_size`` (height, width)."""
+        height, width = img_size
+        if height < self.patch_size[0] or width < self.patch_size[1]:
+            raise ValueError(
+                f"input size {(height, width)} is smaller than the patch size {self.patch_size}; "
+                "use a larger image"
+            )
+        return (
+            (height - self.patch_size[0]) // self.stride[0] + 1,
+            (width - self.patch_size[1]) // self.stride[1] + 1,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.strict_img_size and tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}; "
+                "build the model with dynamic_img_size=True to accept other sizes, or with img_size=... "
+            )
+        if x.shape[-2] < self.patch_size[0] or x.shape[-1] < self.patch_size[1]:
+            raise ValueError(
+                f"input size {tuple(x.shape[-2:])} is smaller than the patch size {self.patch_size}"
+            )
+        return self.proj(x).permute(0, 2, 3, 1)
