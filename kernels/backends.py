@@ -28,6 +28,7 @@ __all__ = [
     "available_backends",
     "get_backend",
     "register_backend",
+    "requested_backend",
     "resolve_backend",
 ]
 
@@ -78,10 +79,10 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return ["reference"] + [name for name, b in _REGISTRY.items() if b.is_available(device)]
 
 
-def resolve_backend(name: str, device: torch.device) -> ScanBackend | None:
-    """The backend to use for ``name`` on ``device``, after the environment override for 'auto'.
+def requested_backend(name: str) -> str:
+    """``name`` checked against :data:`BACKEND_NAMES`, with the environment override applied to 'auto'.
 
-    Returns None for 'reference', which runs outside the registry.
+    Cheap and side-effect free (no availability check), so it is safe inside ``torch.compile``.
     """
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown selective-scan backend {name!r}; expected one of {BACKEND_NAMES}")
@@ -92,6 +93,15 @@ def resolve_backend(name: str, device: torch.device) -> ScanBackend | None:
                 f"environment variable {BACKEND_ENV_VAR}={name!r} is not a backend; "
                 f"expected one of {BACKEND_NAMES}"
             )
+    return name
+
+
+def resolve_backend(name: str, device: torch.device) -> ScanBackend | None:
+    """The backend to use for ``name`` on ``device``, after the environment override for 'auto'.
+
+    Returns None for 'reference', which runs outside the registry.
+    """
+    name = requested_backend(name)
     if name == "reference":
         return None
     if name == "auto":

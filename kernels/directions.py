@@ -173,8 +173,10 @@ def multi_direction_selective_scan(
         raise ValueError(
             f"B and C must be (batch, K*G, N, L) with K={k}, got {tuple(B.shape)} and {tuple(C.shape)}"
         )
-    impl = resolve_backend(backend, u.device)
-    if impl is not None and impl.multi_direction is not None and not torch.onnx.is_in_onnx_export():
+    impl = None
+    if not (torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()):
+        impl = resolve_backend(backend, u.device)
+    if impl is not None and impl.multi_direction is not None:
         # A fused kernel realises the orders itself: the direction sequences are never materialised.
         return impl.multi_direction(
             u,
@@ -196,6 +198,5 @@ def multi_direction_selective_scan(
     groups = B.shape[1] // k
     Bs = _per_direction(B.flatten(1, 2), k, "B", groups * B.shape[2], names, grid_size).view(B.shape)
     Cs = _per_direction(C.flatten(1, 2), k, "C", groups * C.shape[2], names, grid_size).view(C.shape)
-    name = "reference" if impl is None else impl.name
-    ys = selective_scan(us, deltas, A, Bs, Cs, D, zs, delta_bias, delta_softplus, backend=name)
+    ys = selective_scan(us, deltas, A, Bs, Cs, D, zs, delta_bias, delta_softplus, backend=backend)
     return from_directions(ys.unflatten(1, (k, channels)), names, grid_size, merge)

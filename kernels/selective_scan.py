@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backends import ScanBackend, register_backend, resolve_backend
+from .backends import ScanBackend, register_backend, requested_backend, resolve_backend
 from .reference import math_dtype, selective_scan_reference
 from .torch_scan import torch_scan_backward, torch_scan_forward
 
@@ -191,12 +191,14 @@ def selective_scan(
         B = B.unsqueeze(1)
     if C.dim() == 3:
         C = C.unsqueeze(1)
-    impl = resolve_backend(backend, u.device)  # fails here, with a clear message, not inside the op
-    if impl is None:
+    name = requested_backend(backend)
+    if name == "reference":
         # The ground truth runs as plain PyTorch: its gradients come from autograd through the loop.
         out, last = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
     elif torch.onnx.is_in_onnx_export():
         out, last = torch_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     else:
-        out, last = _scan_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), impl.name)
+        if not torch.compiler.is_compiling():
+            resolve_backend(name, u.device)  # an unavailable backend fails here, with a clear message
+        out, last = _scan_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), name)
     return (out, last) if return_last_state else out
