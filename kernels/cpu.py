@@ -1,1 +1,347 @@
-"""Fast CPU backend (being written; registers nothing yet)."""
+"""Fast CPU backend: a fused C++ selective scan compiled on first use and loaded with ctypes.
+
+Installing the package needs no compiler. The first time the ``"cpu"`` backend is asked whether it can run
+(``backend="auto"`` on CPU tensors does that), ``csrc/selective_scan_cpu.cpp`` is compiled with the system
+C++ compiler (``$CXX``, else the first of g++, clang++, c++, cc on PATH) into a shared library cached under
+``$VMAMBA_CACHE_DIR`` (default ``~/.cache/vmamba``), in a file named by a hash of the source, compiler,
+flags and CPU. Later processes load the cached file. The flags are tried from fastest to most portable
+(OpenMP and ``-march=native`` first, then without OpenMP, then plain ``-O3``). When no compiler is found or
+every build fails, the backend reports itself unavailable, ``"auto"`` falls back to the pure-PyTorch
+``"torch"`` backend, and one ``RuntimeWarning`` says why. ``VMAMBA_NO_CPU_BUILD=1`` disables the build.
+
+The library computes in float32 for float16/bfloat16/float32 inputs (converted here) and in float64 for
+float64 inputs. Its backward recomputes the states chunk by chunk instead of storing (batch, dim, L, N)
+tensors. See ``docs/kernels.md`` for the calling convention shared by all backends.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .backends import ScanBackend, register_backend
+from .reference import math_dtype
+from .torch_scan import torch_scan_backward, torch_scan_forward
+
+__all__ = [
+    "CACHE_ENV_VAR",
+    "NO_BUILD_ENV_VAR",
+    "cpu_scan_backward",
+    "cpu_scan_forward",
+    "library_info",
+]
+
+NO_BUILD_ENV_VAR = "VMAMBA_NO_CPU_BUILD"
+CACHE_ENV_VAR = "VMAMBA_CACHE_DIR"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan_cpu.cpp"
+COMPILERS = ("g++", "clang++", "c++", "cc")
+# Tried in order; the first that compiles is used. No -ffast-math: the kernel's exp/log are written to be
+# accurate and vectorisable without it. -ffp-contract=fast fuses multiply-adds; -fno-trapping-math (which
+# changes no result, only whether floating-point exception flags are kept exact) lets GCC turn the kernel's
+# branch-free selects into SIMD blends.
+_FAST = ("-O3", "-ffp-contract=fast", "-fno-trapping-math")
+FLAG_SETS = (
+    (*_FAST, "-march=native", "-fopenmp"),
+    (*_FAST, "-march=native", "-fopenmp-simd"),
+    (*_FAST, "-fopenmp-simd"),
+    ("-O2",),
+)
+_COMMON_FLAGS = ("-shared", "-fPIC")
+_BUILD_TIMEOUT_S = 300
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV_VAR, "").strip()
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "vmamba"
+
+
+def _find_compiler() -> str | None:
+    """The compiler to build with: ``$CXX`` when set (and only it), else the first of COMPILERS on PATH."""
+    requested = os.environ.get("CXX", "").strip()
+    if requested:
+        return shutil.which(requested)
+    for name in COMPILERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on, so a cache shared between machines never loads foreign code."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            lines = [ln for ln in fh if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+        return done.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+class _Library:
+    """Builds (once per process, under a lock) and holds the compiled library, or why there is none."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tried = False
+        self.lib: ctypes.CDLL | None = None
+        self.path: Path | None = None
+        self.flags: tuple[str, ...] = ()
+        self.error: str | None = None
+
+    def get(self) -> ctypes.CDLL | None:
+        """The loaded library, building it on the first call; None (with ``error`` set) if unavailable."""
+        if self._tried:
+            return self.lib
+        with self._lock:
+            if not self._tried:
+                self._load()
+                self._tried = True
+        return self.lib
+
+    def _load(self) -> None:
+        if os.environ.get(NO_BUILD_ENV_VAR, "").strip() not in ("", "0"):
+            self.error = f"disabled by {NO_BUILD_ENV_VAR}={os.environ[NO_BUILD_ENV_VAR]}"
+            return
+        compiler = _find_compiler()
+        if compiler is None:
+            wanted = os.environ.get("CXX", "").strip() or " / ".join(COMPILERS)
+            self._fail(f"no C++ compiler found on PATH (looked for {wanted})")
+            return
+        try:
+            source = SOURCE.read_bytes()
+        except OSError as exc:
+            self._fail(f"cannot read the kernel source {SOURCE}: {exc}")
+            return
+        stem = hashlib.sha256(
+            b"\0".join(
+                [source, compiler.encode(), _compiler_version(compiler).encode(), _cpu_signature().encode()]
+                + [platform.machine().encode(), sys.platform.encode()]
+            )
+        ).hexdigest()
+        suffix = ".dll" if os.name == "nt" else ".so"
+        candidates = []
+        for flags in FLAG_SETS:
+            key = hashlib.sha256((stem + " ".join(flags)).encode()).hexdigest()[:20]
+            candidates.append((flags, _cache_dir() / f"selective_scan_cpu_{key}{suffix}"))
+        # A cached build from an earlier process wins over compiling again (even with slower flags).
+        for flags, path in candidates:
+            if path.is_file() and self._open(path, flags):
+                return
+        errors = []
+        for flags, path in candidates:
+            message = self._compile(compiler, flags, path)
+            if message is None and self._open(path, flags):
+                return
+            errors.append(f"[{' '.join(flags)}] {message or self.error}")
+        self._fail(f"building {SOURCE.name} with {compiler} failed: " + " | ".join(errors))
+
+    def _compile(self, compiler: str, flags: tuple[str, ...], path: Path) -> str | None:
+        """Compile into ``path`` (atomically, so concurrent processes never see half a file); error or None."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"cannot create the cache directory {path.parent}: {exc} (set {CACHE_ENV_VAR})"
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{path.suffix}")
+        cmd = [compiler, *flags, *_COMMON_FLAGS, str(SOURCE), "-o", str(tmp), "-lm"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        if done.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            return f"exit status {done.returncode}: " + " / ".join(tail)
+        os.replace(tmp, path)
+        return None
+
+    def _open(self, path: Path, flags: tuple[str, ...]) -> bool:
+        try:
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+        except (OSError, AttributeError) as exc:
+            self.error = f"cannot load {path}: {exc}"
+            return False
+        self.lib, self.path, self.flags, self.error = lib, path, flags, None
+        return True
+
+    def _fail(self, reason: str) -> None:
+        self.error = reason
+        warnings.warn(
+            f"vmamba: the fast 'cpu' selective-scan backend is unavailable ({reason}); CPU scans use the "
+            f"slower pure-PyTorch 'torch' backend instead. Install a C++ compiler (g++ or clang) to enable "
+            f"it, or set {NO_BUILD_ENV_VAR}=1 to skip the build and this warning.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Give the entry points their C signatures (all tensors are passed as raw pointers)."""
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for suffix in ("f32", "f64"):
+        forward = getattr(lib, f"ss_forward_{suffix}")
+        forward.argtypes = [p] * 10 + [i64] * 5 + [i32, i32]
+        forward.restype = i32
+        backward = getattr(lib, f"ss_backward_{suffix}")
+        backward.argtypes = [p] * 18 + [i64] * 6 + [i32, i32]
+        backward.restype = i32
+    lib.ss_chunk_size.restype = i32
+    lib.ss_has_openmp.restype = i32
+
+
+_LIBRARY = _Library()
+
+
+def library_info() -> dict[str, object]:
+    """Where the compiled kernel lives and how it was built (building it if needed), or why it is missing."""
+    lib = _LIBRARY.get()
+    if lib is None:
+        return {"available": False, "error": _LIBRARY.error}
+    return {
+        "available": True,
+        "path": str(_LIBRARY.path),
+        "flags": " ".join(_LIBRARY.flags),
+        "openmp": bool(lib.ss_has_openmp()),
+        "chunk_size": int(lib.ss_chunk_size()),
+    }
+
+
+def _is_available(device: torch.device) -> bool:
+    return torch.device(device).type == "cpu" and _LIBRARY.get() is not None
+
+
+def _unavailable_reason(device: torch.device) -> str:
+    if torch.device(device).type != "cpu":
+        return "the 'cpu' backend only runs CPU tensors"
+    _LIBRARY.get()
+    return _LIBRARY.error or "not available"
+
+
+def _contig(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _entry(kind: str, dtype: torch.dtype):
+    lib = _LIBRARY.get()
+    if lib is None:
+        raise RuntimeError(f"the 'cpu' selective-scan backend is unavailable: {_LIBRARY.error}")
+    return getattr(lib, f"ss_{kind}_{'f64' if dtype == torch.float64 else 'f32'}")
+
+
+def _check(rc: int, what: str) -> None:
+    if rc == -1:
+        raise MemoryError(f"selective_scan cpu {what}: could not allocate the per-thread workspace")
+    if rc != 0:
+        raise RuntimeError(f"selective_scan cpu {what}: the kernel rejected the sizes (code {rc})")
+
+
+def _states_first(BC: Tensor, dtype: torch.dtype) -> Tensor:
+    """(batch, G, N, L) -> contiguous (batch, G, L, N) in ``dtype``: one step's N values side by side."""
+    return BC.to(dtype).transpose(-1, -2).contiguous()
+
+
+def _is_empty(u: Tensor, A: Tensor) -> bool:
+    return u.numel() == 0 or A.shape[1] == 0
+
+
+def cpu_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tuple[Tensor, Tensor]:
+    """Forward of the fused CPU scan. B, C grouped (batch, G, N, L). Returns (out in u.dtype, last state)."""
+    if _is_empty(u, A):
+        return torch_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    f = math_dtype(u)
+    batch, dim, length = u.shape
+    groups, dstate = B.shape[1], A.shape[1]
+    uf, df, Af, Df, zf, bf = (_contig(t, f) for t in (u, delta, A, D, z, delta_bias))
+    Bt, Ct = _states_first(B, f), _states_first(C, f)
+    out = torch.empty((batch, dim, length), dtype=f)
+    last = torch.empty((batch, dim, dstate), dtype=f)
+    rc = _entry("forward", f)(
+        *(_ptr(t) for t in (uf, df, Af, Bt, Ct, Df, zf, bf, out, last)),
+        batch,
+        dim,
+        length,
+        dstate,
+        groups,
+        int(bool(delta_softplus)),
+        torch.get_num_threads(),
+    )
+    _check(rc, "forward")
+    return out.to(u.dtype), last
+
+
+def _slices(batch: int, groups: int, per_group: int, threads: int) -> int:
+    """How many parts to split each group's channels into so there are about 4 work units per thread."""
+    units = batch * groups
+    return max(1, min(per_group, -(-4 * threads // units))) if units < 4 * threads else 1
+
+
+def cpu_scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) of the fused CPU scan, in the inputs' dtypes."""
+    if _is_empty(u, A):
+        return torch_scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    f = math_dtype(u)
+    batch, dim, length = u.shape
+    groups, dstate = B.shape[1], A.shape[1]
+    threads = torch.get_num_threads()
+    slices = _slices(batch, groups, dim // groups, threads)
+    uf, df, Af, Df, zf, bf = (_contig(t, f) for t in (u, delta, A, D, z, delta_bias))
+    Bt, Ct = _states_first(B, f), _states_first(C, f)
+    dout_f, dlast_f = _contig(dout, f), _contig(dlast, f)
+    du, ddelta = torch.empty_like(uf), torch.empty_like(uf)
+    dz = torch.empty_like(uf) if z is not None else None
+    dA_rows = torch.empty((batch, dim, dstate), dtype=f)
+    dB_part = torch.zeros((batch, groups, slices, length, dstate), dtype=f)
+    dC_part = torch.zeros_like(dB_part)
+    dD_rows = torch.empty((batch, dim), dtype=f) if D is not None else None
+    dbias_rows = torch.empty((batch, dim), dtype=f) if delta_bias is not None else None
+    rc = _entry("backward", f)(
+        *(_ptr(t) for t in (uf, df, Af, Bt, Ct, Df, zf, bf, dout_f, dlast_f)),
+        *(_ptr(t) for t in (du, ddelta, dz, dA_rows, dB_part, dC_part, dD_rows, dbias_rows)),
+        batch,
+        dim,
+        length,
+        dstate,
+        groups,
+        slices,
+        int(bool(delta_softplus)),
+        threads,
+    )
+    _check(rc, "backward")
+    dB = dB_part.sum(2) if slices > 1 else dB_part[:, :, 0]
+    dC = dC_part.sum(2) if slices > 1 else dC_part[:, :, 0]
+    return (
+        du.to(u.dtype),
+        ddelta.to(delta.dtype),
+        dA_rows.sum(0).to(A.dtype),
+        dB.transpose(-1, -2).to(B.dtype),
+        dC.transpose(-1, -2).to(C.dtype),
+        None if D is None else dD_rows.sum(0).to(D.dtype),
+        None if z is None else dz.to(z.dtype),
+        None if delta_bias is None else dbias_rows.sum(0).to(delta_bias.dtype),
+    )
+
+
+register_backend(ScanBackend("cpu", cpu_scan_forward, cpu_scan_backward, _is_available, _unavailable_reason))

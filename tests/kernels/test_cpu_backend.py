@@ -1,0 +1,220 @@
+"""The fused CPU selective-scan backend against the float64 reference loop, and its build fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from vmamba.kernels import BACKEND_ENV_VAR, selective_scan
+from vmamba.kernels import cpu as cpu_backend
+from vmamba.kernels.backends import resolve_backend
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def chunk() -> int:
+    """The kernel's chunk length; skips the module's numeric tests when the library cannot be built here."""
+    info = cpu_backend.library_info()
+    if not info["available"]:
+        pytest.skip(f"the cpu backend cannot be built on this machine: {info['error']}")
+    return int(info["chunk_size"])
+
+
+def make_inputs(batch, dim, length, dstate, groups, dtype=torch.float64, z=True, bias=True, seed=0):
+    """Scan inputs; ``groups=None`` gives 3-D B and C. Values keep decays in (0, 1) like trained models."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+
+    bc_shape = (batch, dstate, length) if groups is None else (batch, groups, dstate, length)
+    return {
+        "u": rnd(batch, dim, length),
+        "delta": rnd(batch, dim, length, scale=0.5, shift=-1.0),
+        "A": (-torch.rand(dim, dstate, generator=g, dtype=torch.float64) * 2 - 0.1).to(dtype),
+        "B": rnd(*bc_shape),
+        "C": rnd(*bc_shape),
+        "D": rnd(dim),
+        "z": rnd(batch, dim, length) if z else None,
+        "delta_bias": rnd(dim, scale=0.3) if bias else None,
+    }
+
+
+def run_with_grads(inputs, softplus, backend, upstream=None, dtype=None):
+    """Output, last state and the gradient of every tensor input, with gradients flowing into both outputs.
+
+    ``dtype`` casts the inputs first (the leaves then live in that dtype); ``upstream`` fixes the output
+    gradients so that two runs can be compared.
+    """
+    leaves = {
+        k: (v.to(dtype) if dtype else v).clone().requires_grad_() for k, v in inputs.items() if v is not None
+    }
+    args = {k: leaves.get(k) for k in inputs}
+    out, last = selective_scan(**args, delta_softplus=softplus, return_last_state=True, backend=backend)
+    if upstream is None:
+        g = torch.Generator().manual_seed(1)
+        upstream = (
+            torch.randn(out.shape, generator=g, dtype=torch.float64),
+            torch.randn(last.shape, generator=g, dtype=torch.float64),
+        )
+    loss = (out * upstream[0].to(out.dtype)).sum() + (last * upstream[1].to(last.dtype)).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return out, last, dict(zip(leaves, grads)), upstream
+
+
+def assert_scan_close(got, want, rtol, atol):
+    """Compare (out, last, grads) of two runs; atol scales with each tensor's magnitude (sums over L, batch)."""
+    pairs = [("out", got[0], want[0]), ("last_state", got[1], want[1])]
+    pairs += [(f"d{k}", got[2][k], want[2][k]) for k in want[2]]
+    for name, a, b in pairs:
+        assert a.shape == b.shape, name
+        b = b.to(torch.float64)
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(
+            a.to(torch.float64), b, rtol=rtol, atol=atol * scale, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+# (batch, dim, L, N, groups, z, delta_bias, softplus); groups None = 3-D B/C. L covers 1, odd, a multiple of
+# the chunk (64) plus or minus one, and several chunks; N 1 and 16 have specialised kernels, 5 is generic.
+CASES = [
+    (2, 4, 1, 16, 1, True, True, True),
+    (1, 3, 1, 1, None, False, False, False),
+    (2, 4, 37, 16, None, True, True, True),
+    (2, 8, 63, 1, 4, True, False, True),
+    (1, 6, 65, 5, 3, False, True, False),
+    (2, 4, 129, 16, 2, True, True, True),
+    (1, 8, 200, 1, 2, False, False, True),
+    (2, 4, 150, 16, 4, True, False, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}-d{}-L{}-N{}-G{}-z{:d}-bias{:d}-sp{:d}".format(*c))
+def test_float64_matches_reference(chunk, case):
+    batch, dim, length, dstate, groups, z, bias, softplus = case
+    inputs = make_inputs(batch, dim, length, dstate, groups, z=z, bias=bias)
+    want = run_with_grads(inputs, softplus, "reference")
+    got = run_with_grads(inputs, softplus, "cpu", upstream=want[3])
+    assert got[0].dtype == torch.float64 and got[1].dtype == torch.float64
+    assert_scan_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dstate,groups", [(16, 2), (1, None)])
+def test_low_precision_matches_float64_reference(chunk, dtype, dstate, groups):
+    # mamba_ssm's selective-scan test tolerances (fp32 6e-4/2e-3, fp16 3e-3/5e-3, bf16 3e-2/5e-2).
+    rtol, atol = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}[
+        dtype
+    ]
+    inputs = {
+        k: v.to(dtype) if v is not None else None
+        for k, v in make_inputs(2, 4, 2 * chunk + 3, dstate, groups).items()
+    }
+    want = run_with_grads(inputs, True, "reference", dtype=torch.float64)
+    got = run_with_grads(inputs, True, "cpu", upstream=want[3])
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    assert all(g.dtype == dtype for g in got[2].values())
+    assert_scan_close(got, want, rtol=rtol, atol=atol)
+
+
+def test_gradcheck_float64(chunk):
+    inputs = make_inputs(1, 4, 7, 3, 2)
+    names = list(inputs)
+
+    def fn(*tensors):
+        out, last = selective_scan(
+            **dict(zip(names, tensors)), delta_softplus=True, return_last_state=True, backend="cpu"
+        )
+        return out, last
+
+    leaves = [t.clone().requires_grad_() for t in inputs.values()]
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_float64_state16_three_dim(chunk):
+    inputs = make_inputs(2, 2, 5, 16, None, z=False, bias=False)
+    names = [k for k, v in inputs.items() if v is not None]
+
+    def fn(*tensors):
+        return selective_scan(**dict(zip(names, tensors)), delta_softplus=True, backend="cpu")
+
+    leaves = [inputs[k].clone().requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def test_thread_count_does_not_change_results(chunk):
+    # batch 1 and one group: the backward splits the channels into per-slice dB/dC buffers, as many as
+    # the thread count asks for; the sums must agree whatever the split.
+    inputs = make_inputs(1, 16, 100, 16, None, dtype=torch.float32)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_with_grads(inputs, True, "cpu")
+        torch.set_num_threads(2)
+        two = run_with_grads(inputs, True, "cpu", upstream=one[3])
+    finally:
+        torch.set_num_threads(previous)
+    assert_scan_close(two, one, rtol=1e-5, atol=1e-5)
+
+
+def test_noncontiguous_inputs(chunk):
+    inputs = make_inputs(2, 4, 70, 16, 2)
+    strided = dict(inputs)
+    strided["u"] = inputs["u"].transpose(1, 2).contiguous().transpose(1, 2)
+    strided["B"] = inputs["B"].transpose(2, 3).contiguous().transpose(2, 3)
+    assert not strided["u"].is_contiguous() and not strided["B"].is_contiguous()
+    torch.testing.assert_close(
+        selective_scan(**strided, delta_softplus=True, backend="cpu"),
+        selective_scan(**inputs, delta_softplus=True, backend="reference"),
+    )
+
+
+def test_auto_picks_cpu_backend(chunk, monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    assert resolve_backend("auto", CPU).name == "cpu"
+    assert not cpu_backend._is_available(torch.device("meta"))
+
+
+def test_cached_library_is_reused(chunk, monkeypatch):
+    def no_compile(*args):
+        raise AssertionError("the cached library should have been loaded without compiling")
+
+    monkeypatch.setattr(cpu_backend._Library, "_compile", no_compile)
+    fresh = cpu_backend._Library()
+    assert fresh.get() is not None and fresh.path == cpu_backend._LIBRARY.path
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """An unbuilt library state with an empty cache, so a test can change how the build goes."""
+    monkeypatch.setattr(cpu_backend, "_LIBRARY", cpu_backend._Library())
+    monkeypatch.setenv(cpu_backend.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.delenv(cpu_backend.NO_BUILD_ENV_VAR, raising=False)
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+
+
+@pytest.mark.parametrize(
+    "compiler,message", [("vmamba-no-such-compiler", "no C\\+\\+ compiler"), ("false", "failed")]
+)
+def test_falls_back_to_torch_with_one_warning(fresh_library, monkeypatch, compiler, message):
+    monkeypatch.setenv("CXX", compiler)  # "false" exists on PATH and fails every build
+    inputs = make_inputs(1, 4, 9, 16, None, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match=message):
+        assert resolve_backend("auto", CPU).name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not again
+        out = selective_scan(**inputs, delta_softplus=True)
+    torch.testing.assert_close(out, selective_scan(**inputs, delta_softplus=True, backend="torch"))
+    with pytest.raises(ValueError, match="'cpu' cannot run"):
+        selective_scan(**inputs, backend="cpu")
+
+
+def test_disabled_by_environment_without_warning(fresh_library, monkeypatch):
+    monkeypatch.setenv(cpu_backend.NO_BUILD_ENV_VAR, "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend("auto", CPU).name == "torch"
+    assert cpu_backend.NO_BUILD_ENV_VAR in cpu_backend._unavailable_reason(CPU)
