@@ -78,20 +78,65 @@ def _prepare(u, delta, A, B, delta_bias, delta_softplus):
     return dt_raw, dt, uf, Af, Bt, decay, drive
 
 
+def _scan_readout(dt: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """``y_t = <C_t, h_t>`` and the last state of ``h_t = exp(dt_t A) h_{t-1} + du_t B_t``, in chunks.
+
+    dt, du: (b, G, H, L); A: (G, H, N); B, C: (b, G, N, L). Works like :func:`chunked_linear_scan` but
+    never stores the states: pass 1 scans every chunk from zero keeping only its end state, pass 2
+    carries the states across chunks, pass 3 rescans every chunk from its true start and reads out y.
+    Each step touches (b, G, H, chunks, N) values, a sqrt(L)-th of the full state history.
+    """
+    length, dstate = dt.shape[-1], A.shape[-1]
+    chunk = max(1, math.isqrt(length - 1) + 1)
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+    if pad:  # dt = 0 and du = 0 leave the state unchanged
+        dt, du, B, C = (F.pad(t, (0, pad)) for t in (dt, du, B, C))
+    dt, du = dt.unflatten(-1, (n_chunks, chunk)), du.unflatten(-1, (n_chunks, chunk))
+    Bc = B.unflatten(-1, (n_chunks, chunk)).permute(0, 1, 3, 4, 2)[:, :, None]  # (b, G, 1, chunks, T, N)
+    Cc = C.unflatten(-1, (n_chunks, chunk)).permute(0, 1, 3, 4, 2)[:, :, None]
+    Ae = A[:, :, None, :]  # (G, H, 1, N)
+
+    def step(h: Tensor, t: int) -> Tensor:
+        return torch.exp(dt[..., t, None] * Ae) * h + du[..., t, None] * Bc[..., t, :]
+
+    h = dt.new_zeros(dt.shape[:-1] + (dstate,))
+    for t in range(chunk):
+        h = step(h, t)
+    chunk_decay = torch.exp(dt.sum(-1)[..., None] * Ae)
+    starts, carry = [], h.new_zeros(h.shape[:-2] + (dstate,))
+    for c in range(n_chunks):
+        starts.append(carry)
+        carry = chunk_decay[..., c, :] * carry + h[..., c, :]
+    h = torch.stack(starts, dim=-2)
+    ys = []
+    for t in range(chunk):
+        h = step(h, t)
+        ys.append((h * Cc[..., t, :]).sum(-1))
+    return torch.stack(ys, dim=-1).flatten(-2)[..., :length], carry
+
+
 def torch_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tuple[Tensor, Tensor]:
     """Forward of the chunked scan. B, C grouped (batch, G, N, L). Returns (out in u.dtype, last state)."""
+    f = math_dtype(u)
     batch, dim, length = u.shape
-    _, _, uf, _, _, decay, drive = _prepare(u, delta, A, B, delta_bias, delta_softplus)
-    h = chunked_linear_scan(decay, drive)
-    Ct = C.to(h.dtype).transpose(-1, -2)[:, :, None]
-    y = (h * Ct).sum(-1).reshape(batch, dim, length)
-    uf = uf.reshape(batch, dim, length)
+    groups, dstate = B.shape[1], A.shape[1]
+    dt = delta.to(f)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(f)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    uf = u.to(f)
+    grouped = (batch, groups, dim // groups, length)
+    y, last = _scan_readout(
+        dt.reshape(grouped), (dt * uf).reshape(grouped), A.to(f).reshape(groups, -1, dstate), B.to(f), C.to(f)
+    )
+    y = y.reshape(batch, dim, length)
     if D is not None:
-        y = y + uf * D.to(y.dtype)[:, None]
+        y = y + uf * D.to(f)[:, None]
     if z is not None:
-        y = y * F.silu(z.to(y.dtype))
-    last = h[..., -1, :].reshape(batch, dim, -1)
-    return y.to(u.dtype), last
+        y = y * F.silu(z.to(f))
+    return y.to(u.dtype), last.reshape(batch, dim, dstate)
 
 
 def torch_scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
