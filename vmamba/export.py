@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vmamba.predict import LoadedModel, ModelLoadError, _as_size, _ParseKwargs, _read_class_map, load_model
+from vmamba.predict import LoadedModel, _as_size, _load_model_from_args, _ParseKwargs
 
 __all__ = ["build_parser", "check_onnx", "export_input_size", "export_onnx", "main", "read_onnx_metadata"]
 
@@ -169,18 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     0: written and checked; 1: export or check failed (nothing written); 2: the model could not be loaded.
     """
     args = build_parser().parse_args(argv)
-    try:
-        loaded = load_model(
-            args.model,
-            args.checkpoint,
-            num_classes=args.num_classes,
-            task=args.task,
-            model_kwargs=args.model_kwargs,
-            pretrained=args.pretrained,
-            class_names=_read_class_map(args.class_map) if args.class_map else None,
-        )
-    except (ModelLoadError, ValueError) as error:
-        print(f"vmamba-predict export: error: cannot load the model: {error}", file=sys.stderr)
+    loaded = _load_model_from_args(args, "vmamba-predict export")
+    if loaded is None:
         return 2
     input_size = export_input_size(loaded, args.img_size, args.crop_size)
     output = Path(args.output or f"{loaded.name}-{input_size[1]}x{input_size[2]}.onnx")

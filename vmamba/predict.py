@@ -1076,6 +1076,26 @@ def _read_class_map(path: str) -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
+def _load_model_from_args(args: argparse.Namespace, prog: str) -> LoadedModel | None:
+    """Load the model named by the shared model flags (``model``, ``--checkpoint``, ``--num-classes``,
+    ``--task``, ``--model-kwargs``, ``--pretrained``, ``--class-map``) of ``vmamba-predict`` and its
+    ``export`` command; on failure print ``{prog}: error: cannot load the model: ...`` to stderr and return
+    ``None`` (the caller exits with 2)."""
+    try:
+        return load_model(
+            args.model,
+            args.checkpoint,
+            num_classes=args.num_classes,
+            task=args.task,
+            model_kwargs=args.model_kwargs,
+            pretrained=args.pretrained,
+            class_names=_read_class_map(args.class_map) if args.class_map else None,
+        )
+    except (ModelLoadError, ValueError) as error:
+        print(f"{prog}: error: cannot load the model: {error}", file=sys.stderr)
+        return None
+
+
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject impossible flag values up front with a message that says which flag."""
     if args.topk < 1:
@@ -1108,18 +1128,8 @@ def run(args: argparse.Namespace) -> int:
     if not items:
         print(f"vmamba-predict: error: no images found in {data}", file=sys.stderr)
         return 1
-    try:
-        loaded = load_model(
-            args.model,
-            args.checkpoint,
-            num_classes=args.num_classes,
-            task=args.task,
-            model_kwargs=args.model_kwargs,
-            pretrained=args.pretrained,
-            class_names=_read_class_map(args.class_map) if args.class_map else None,
-        )
-    except (ModelLoadError, ValueError) as error:
-        print(f"vmamba-predict: error: cannot load the model: {error}", file=sys.stderr)
+    loaded = _load_model_from_args(args, "vmamba-predict")
+    if loaded is None:
         return 2
     from timm.data import resolve_data_config
 

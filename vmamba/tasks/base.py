@@ -151,6 +151,13 @@ class BaseTask(L.LightningModule, ABC):
         self.layer_decay = layer_decay
         self.extra_no_weight_decay = list(no_weight_decay or [])
 
+    @staticmethod
+    def _check_per_class(name: str, values: list[Any] | None, num_classes: int) -> None:
+        """Reject a per-class list argument (``class_names``, ``class_weights``) whose length is not
+        ``num_classes``; ``None`` passes."""
+        if values is not None and len(values) != num_classes:
+            raise ValueError(f"{name} has {len(values)} entries but num_classes is {num_classes}.")
+
     def prepare_model(self, freeze_backbone: bool = False, grad_checkpointing: bool = False) -> None:
         """Apply the freezing and checkpointing switches once the subclass has built ``self.model``."""
         if freeze_backbone:

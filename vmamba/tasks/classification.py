@@ -97,8 +97,7 @@ class ClassificationTask(BaseTask):
         no_weight_decay: list[str] | None = None,
     ) -> None:
         super().__init__(optimizer, lr_scheduler, lr_scheduler_interval, layer_decay, no_weight_decay)
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} entries but num_classes is {num_classes}.")
+        self._check_per_class("class_names", class_names, num_classes)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.num_classes = num_classes
         self.model = self._create_model(model, num_classes, pretrained, weights, model_kwargs, drop_path_rate)
