@@ -21,6 +21,7 @@ __all__ = [
     "interpreter_block_d",
     "length_bucket",
     "linear_combine",
+    "scan_flags",
     "softplus",
     "state_chunk",
     "token_index",
@@ -78,6 +79,19 @@ def state_chunk(length: int) -> int:
     if INTERPRETED:
         return INTERPRETER_CHUNK
     return min(32, max(16, triton.next_power_of_2(length)))
+
+
+def scan_flags(problem, D, z, delta_bias, delta_softplus: bool) -> dict:
+    """The compile-time flags the forward and backward kernels share, for one :class:`ScanProblem` launch."""
+    return {
+        "BLOCK_N": triton.next_power_of_2(problem.dstate),
+        "MATH": problem.math_dtype,
+        "HAS_D": D is not None,
+        "HAS_Z": z is not None,
+        "HAS_BIAS": delta_bias is not None,
+        "SOFTPLUS": bool(delta_softplus),
+        "HAS_DIRS": problem.has_dirs,
+    }
 
 
 def interpreter_block_d(per_group: int) -> int:

@@ -15,14 +15,13 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from ..directions import MERGES, _canonical
+from ..reference import math_dtype
 from ._common import DIRECTION_CODES, state_chunk
 from .scan_bwd import launch_backward
 from .scan_fwd import launch_forward
 
 __all__ = ["ScanProblem", "triton_multi_direction_scan", "triton_scan_backward", "triton_scan_forward"]
-
-_ALIASES = {"forward": "row", "backward": "row_reversed"}
-_MERGES = ("sum", "mean", "none")
 
 
 @dataclass(frozen=True)
@@ -46,10 +45,6 @@ class ScanProblem:
     @property
     def total_channels(self) -> int:
         return self.directions * self.channels
-
-
-def _math_dtype(x: Tensor) -> tuple[torch.dtype, tl.dtype]:
-    return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
 
 
 def _strides(t: Tensor | None, channels: int) -> tuple[int, int, int]:
@@ -89,7 +84,7 @@ def _problem(u, delta, A, B, z, codes: tuple[int, ...], grid_size: tuple[int, in
         has_dirs=any(codes),
         u_strides=_strides(u, channels),
         z_strides=_strides(z, channels),
-        math_dtype=_math_dtype(u)[1],
+        math_dtype=tl.float64 if u.dtype == torch.float64 else tl.float32,
     )
 
 
@@ -101,14 +96,14 @@ def _state_buffer(p: ScanProblem, u: Tensor) -> tuple[Tensor, int]:
     """An empty (batch, K*C, n_chunks, N) buffer for the states entering each chunk, and the chunk length."""
     chunk = state_chunk(p.length)
     n_chunks = -(-p.length // chunk)
-    f = _math_dtype(u)[0]
+    f = math_dtype(u)
     return torch.empty((p.batch, p.total_channels, n_chunks, p.dstate), dtype=f, device=u.device), chunk
 
 
 def _forward(problem, u, delta, A, B, C, D, z, delta_bias, delta_softplus, want_last, save_states):
     """Output per direction (batch, K*C, L) in u's dtype, and on request the last state and chunk states."""
     p = problem
-    f = _math_dtype(u)[0]
+    f = math_dtype(u)
     out = torch.empty((p.batch, p.total_channels, p.length), dtype=u.dtype, device=u.device)
     last = torch.empty((p.batch, p.total_channels, p.dstate), dtype=f, device=u.device) if want_last else None
     states, chunk = _state_buffer(p, u) if save_states else (None, None)
@@ -147,7 +142,7 @@ def _backward(
 ):
     """All gradients, per direction for u and z when ``reduce_*`` (summed over directions afterwards)."""
     p = problem
-    f = _math_dtype(u)[0]
+    f = math_dtype(u)
     shape = (p.batch, p.total_channels, p.length)
     grads = {
         "du": torch.empty(shape, dtype=f if reduce_u else u.dtype, device=u.device),
@@ -294,17 +289,6 @@ class _MultiDirectionScan(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-def _canonical(direction: str, grid_size: tuple[int, int] | None) -> str:
-    name = _ALIASES.get(direction, direction)
-    if name not in DIRECTION_CODES:
-        raise ValueError(
-            f"unknown scan direction {direction!r}; expected one of {tuple(DIRECTION_CODES) + tuple(_ALIASES)}"
-        )
-    if name.startswith("col") and grid_size is None:
-        raise ValueError(f"direction {direction!r} needs grid_size=(H, W) to know the grid")
-    return name
-
-
 def triton_multi_direction_scan(
     u: Tensor,
     delta: Tensor,
@@ -332,8 +316,8 @@ def triton_multi_direction_scan(
     k = len(directions)
     if k == 0:
         raise ValueError("directions must name at least one direction")
-    if merge not in _MERGES:
-        raise ValueError(f"merge must be one of {_MERGES}, got {merge!r}")
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     names = [_canonical(d, grid_size) for d in directions]
     if delta.dim() != 3 or delta.shape[1] % k:
         raise ValueError(f"delta must be (batch, K*C, L) with K={k}, got shape {tuple(delta.shape)}")

@@ -26,6 +26,7 @@ from ._common import (
     interpreter_block_d,
     length_bucket,
     linear_combine,
+    scan_flags,
     softplus,
     token_index,
 )
@@ -214,13 +215,7 @@ def launch_forward(
         C.stride(1),
     )
     flags = {
-        "BLOCK_N": triton.next_power_of_2(p.dstate),
-        "MATH": p.math_dtype,
-        "HAS_D": D is not None,
-        "HAS_Z": z is not None,
-        "HAS_BIAS": delta_bias is not None,
-        "SOFTPLUS": bool(delta_softplus),
-        "HAS_DIRS": p.has_dirs,
+        **scan_flags(p, D, z, delta_bias, delta_softplus),
         "STORE_OUT": out is not None,
         "STORE_LAST": last is not None,
         "STORE_STATES": states is not None,

@@ -10,21 +10,9 @@ from torch import Tensor, nn
 
 from vmamba.kernels import VIM_DIRECTIONS, multi_direction_selective_scan
 
-__all__ = ["BiMambaMixer", "init_dt_bias_"]
+from .ssm_init import init_a_log_, init_dt_bias_, init_dt_weight_
 
-
-def init_dt_bias_(
-    bias: Tensor, dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4
-) -> Tensor:
-    """Fill ``bias`` so that ``softplus(bias)`` is log-uniform in [dt_min, dt_max] (Mamba's dt init).
-
-    The step sizes are drawn log-uniformly, floored at ``dt_init_floor``, and passed through the inverse of
-    softplus, ``dt + log(1 - exp(-dt))``.
-    """
-    with torch.no_grad():
-        log_dt = torch.rand_like(bias, dtype=torch.float32) * (math.log(dt_max) - math.log(dt_min))
-        dt = torch.exp(log_dt + math.log(dt_min)).clamp(min=dt_init_floor)
-        return bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+__all__ = ["BiMambaMixer"]
 
 
 class BiMambaMixer(nn.Module):
@@ -115,18 +103,14 @@ class BiMambaMixer(nn.Module):
     def reset_ssm_parameters(self) -> None:
         """(Re)initialise the SSM parameters (A, D, step-size projections) as the official model does."""
         with torch.no_grad():
-            a_log = torch.log(
-                torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
-            )
-            for a in (self.A_log, self.A_b_log):
-                a.copy_(a_log.expand_as(a))
+            init_a_log_(self.A_log)
+            init_a_log_(self.A_b_log)
             self.D.fill_(1.0)
             self.D_b.fill_(1.0)
-            dt_std = self.dt_rank**-0.5
-            nn.init.uniform_(self.dt_proj.weight, -dt_std, dt_std)
+            init_dt_weight_(self.dt_proj.weight, self.dt_rank)
             init_dt_bias_(self.dt_proj.bias, self.dt_min, self.dt_max, self.dt_init_floor)
             if self.symmetric_dt_init:
-                nn.init.uniform_(self.dt_proj_b.weight, -dt_std, dt_std)
+                init_dt_weight_(self.dt_proj_b.weight, self.dt_rank)
                 init_dt_bias_(self.dt_proj_b.bias, self.dt_min, self.dt_max, self.dt_init_floor)
             else:
                 self.dt_proj_b.reset_parameters()  # PyTorch default weight, as left by the official code

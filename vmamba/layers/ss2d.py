@@ -30,6 +30,8 @@ from torch import Tensor, nn
 
 from vmamba.kernels import VMAMBA_DIRECTIONS, multi_direction_selective_scan
 
+from .ssm_init import init_a_log_, init_dt_bias_, init_dt_weight_
+
 __all__ = ["SS2D", "layer_norm_2d"]
 
 #: The official channel-first LayerNorm: an ``nn.LayerNorm`` over channels with the default eps 1e-5.
@@ -117,17 +119,9 @@ class SS2D(nn.Module):
         # Each direction's x_proj is an nn.Linear(d_inner, R + 2N) with PyTorch's default init.
         bound = 1.0 / math.sqrt(self.d_inner)
         self.x_proj_weight.uniform_(-bound, bound)
-        std = self.dt_rank**-0.5 * dt_scale
-        self.dt_projs_weight.uniform_(-std, std)
-        # softplus(dt_projs_bias) is log-uniform in [dt_min, dt_max]: store its inverse softplus.
-        dt = torch.exp(
-            torch.rand(self.dt_projs_bias.shape, device=self.dt_projs_bias.device)
-            * (math.log(dt_max) - math.log(dt_min))
-            + math.log(dt_min)
-        ).clamp(min=dt_floor)
-        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        a = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_logs.device)
-        self.A_logs.copy_(torch.log(a).expand_as(self.A_logs))
+        init_dt_weight_(self.dt_projs_weight, self.dt_rank, dt_scale)
+        init_dt_bias_(self.dt_projs_bias, dt_min, dt_max, dt_floor)
+        init_a_log_(self.A_logs)
         self.Ds.fill_(1.0)
         self.out_norm.reset_parameters()
 
