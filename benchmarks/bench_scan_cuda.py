@@ -222,33 +222,10 @@ def _resource_usage(kernel, constexprs: dict, num_warps: int, io: str, arch: int
     import tempfile
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    activations = (
-        "u_ptr",
-        "delta_ptr",
-        "z_ptr",
-        "out_ptr",
-        "B_ptr",
-        "C_ptr",
-        "dout_ptr",
-        "du_ptr",
-        "ddelta_ptr",
-        "dz_ptr",
-    )
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*i32" if name == "dirs_ptr" else f"*{io}" if name in activations else "*fp32"
-        else:
-            signature[name] = "fp32" if name == "dout_scale" else "i32"
-    options = {"num_warps": num_warps, "enable_fp_fusion": True}
-    compiled = triton.compile(
-        ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=options
-    )
+    from vmamba.kernels.triton._common import compile_for_arch
+
+    compiled = compile_for_arch(kernel, constexprs, io, arch=arch, num_warps=num_warps)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

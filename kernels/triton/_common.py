@@ -16,6 +16,7 @@ __all__ = [
     "INTERPRETED",
     "INTERPRETER_CHUNK",
     "backward_configs",
+    "compile_for_arch",
     "config_pruner",
     "forward_configs",
     "interpreter_block_d",
@@ -147,3 +148,35 @@ def config_pruner(per_thread: int, keep: int = 8):
         return [config for *_, config in scored[:keep]]
 
     return prune
+
+
+# Pointer arguments that carry activations in the I/O dtype; every other pointer is fp32 (or the int32
+# direction codes).
+_ACTIVATION_POINTERS = frozenset(
+    ("u_ptr", "delta_ptr", "z_ptr", "out_ptr", "B_ptr", "C_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")
+)
+
+
+def compile_for_arch(kernel, constexprs: dict, io: str, arch: int = 90, num_warps: int = 4):
+    """Compile a scan kernel for NVIDIA sm_``arch`` with Triton's bundled ptxas (no GPU or driver needed).
+
+    ``io`` is the activations' Triton dtype name ("bf16", "fp16", "fp32"). Returns the compiled kernel
+    (``.asm["cubin"]`` holds the binary); used to check compilation and register use on CPU-only machines.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name == "dirs_ptr":
+            signature[name] = "*i32"
+        elif name.endswith("_ptr"):
+            signature[name] = f"*{io}" if name in _ACTIVATION_POINTERS else "*fp32"
+        else:
+            signature[name] = "fp32" if name == "dout_scale" else "i32"
+    options = {"num_warps": num_warps, "enable_fp_fusion": True}
+    return triton.compile(
+        ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=options
+    )

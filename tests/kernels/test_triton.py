@@ -435,35 +435,9 @@ def test_kernels_under_interpreter():
 
 def _compile_for_sm90(kernel, constexprs: dict, io: str) -> bytes:
     """Compile ``kernel`` to an sm_90 cubin (Triton ships ptxas, so no GPU or driver is needed)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from vmamba.kernels.triton._common import compile_for_arch
 
-    activations = (
-        "u_ptr",
-        "delta_ptr",
-        "z_ptr",
-        "out_ptr",
-        "B_ptr",
-        "C_ptr",
-        "dout_ptr",
-        "du_ptr",
-        "ddelta_ptr",
-        "dz_ptr",
-    )
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name == "dirs_ptr":
-            signature[name] = "*i32"
-        elif name.endswith("_ptr"):
-            signature[name] = f"*{io}" if name in activations else "*fp32"
-        else:
-            signature[name] = "fp32" if name == "dout_scale" else "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": True}
-    ).asm["cubin"]
+    return compile_for_arch(kernel, constexprs, io, arch=90).asm["cubin"]
 
 
 @pytest.mark.slow
