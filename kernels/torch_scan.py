@@ -1,12 +1,13 @@
 """Pure-PyTorch chunked selective scan: runs on any device and exports (torch.export, ONNX).
 
 The recurrence ``h_t = a_t * h_{t-1} + b_t`` is split into chunks of about sqrt(L) steps. A first pass
-scans every chunk from a zero state at once (a loop over the chunk length, vectorised over chunks), a
-second carries the state across chunk boundaries (a loop over the chunks), and the boundary states are
-added back through the running decay product. That is about 2*sqrt(L) Python steps instead of L, with
-no division by decays (stable for any chunk length). The backward is written by hand: it recomputes the
-states from the inputs (nothing of size (batch, dim, L, N) is kept between forward and backward) and runs
-the adjoint recurrence with the same chunked scan over the reversed sequence.
+scans every chunk from a zero state at once (a loop over the chunk length, vectorised over chunks) and a
+second carries the state across chunk boundaries (a loop over the chunks): about 2*sqrt(L) Python steps
+instead of L, with no division by decays (stable for any chunk length). The forward then rescans each
+chunk from its true start and reads y out step by step, never storing the states; the backward, written
+by hand, recomputes all states from the inputs (nothing of size (batch, dim, L, N) is kept between
+forward and backward) and runs the adjoint recurrence with the same chunked scan over the reversed
+sequence.
 """
 
 from __future__ import annotations
@@ -59,16 +60,21 @@ def chunked_linear_scan(a: Tensor, b: Tensor, chunk: int | None = None) -> Tenso
     return h_all[..., :length, :]
 
 
+def _step_sizes(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool, f: torch.dtype):
+    """(delta + delta_bias, dt): the step size before and after the optional softplus, in dtype f."""
+    dt_raw = delta.to(f)
+    if delta_bias is not None:
+        dt_raw = dt_raw + delta_bias.to(f)[:, None]
+    return dt_raw, F.softplus(dt_raw) if delta_softplus else dt_raw
+
+
 def _prepare(u, delta, A, B, delta_bias, delta_softplus):
     """Grouped views in the math dtype: dt (b, G, H, L), decay and drive (b, G, H, L, N)."""
     f = math_dtype(u)
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], A.shape[1]
     heads = dim // groups
-    dt_raw = delta.to(f)
-    if delta_bias is not None:
-        dt_raw = dt_raw + delta_bias.to(f)[:, None]
-    dt = F.softplus(dt_raw) if delta_softplus else dt_raw
+    dt_raw, dt = _step_sizes(delta, delta_bias, delta_softplus, f)
     dt = dt.reshape(batch, groups, heads, length)
     uf = u.to(f).reshape(batch, groups, heads, length)
     Af = A.to(f).reshape(groups, heads, 1, dstate)
@@ -121,11 +127,7 @@ def torch_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> t
     f = math_dtype(u)
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], A.shape[1]
-    dt = delta.to(f)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(f)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
+    _, dt = _step_sizes(delta, delta_bias, delta_softplus, f)
     uf = u.to(f)
     grouped = (batch, groups, dim // groups, length)
     y, last = _scan_readout(
