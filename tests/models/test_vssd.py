@@ -362,3 +362,17 @@ def test_torch_compile_vssd_tiny():
     assert _max_diff(out, expected) <= 1e-5
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_onnx_export_vssd_tiny_matches_onnxruntime(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = timm.create_model("vssd_tiny").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    path = str(tmp_path / "vssd_tiny.onnx")
+    torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["image"])
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"image": x.numpy()})
+    assert abs(out - expected.numpy()).max() <= 1e-5
