@@ -15,6 +15,7 @@ from .directions import (
     multi_direction_selective_scan,
     to_directions,
 )
+from .non_causal_ssd import non_causal_ssd, non_causal_ssd_reference
 from .reference import selective_scan_reference
 from .selective_scan import check_scan_inputs, selective_scan
 
@@ -29,6 +30,8 @@ __all__ = [
     "check_scan_inputs",
     "from_directions",
     "multi_direction_selective_scan",
+    "non_causal_ssd",
+    "non_causal_ssd_reference",
     "register_backend",
     "selective_scan",
     "selective_scan_reference",
