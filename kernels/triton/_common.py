@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton scan kernels: device helpers, direction codes, block-size choices.
+"""Pieces shared by the Triton scan kernels: direction codes, device helpers, the launch plan.
 
 Everything here imports triton; the package ``__init__`` only imports this module once triton is known to
 be importable.
@@ -6,40 +6,49 @@ be importable.
 
 from __future__ import annotations
 
-import math
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
 
 __all__ = [
     "DIRECTION_CODES",
     "INTERPRETED",
-    "INTERPRETER_CHUNK",
-    "backward_configs",
+    "Plan",
     "compile_for_arch",
-    "config_pruner",
-    "forward_configs",
-    "interpreter_block_d",
-    "length_bucket",
-    "linear_combine",
-    "scan_flags",
+    "direction_codes",
+    "make_plan",
     "softplus",
-    "state_chunk",
     "token_index",
 ]
 
 
 # A direction is two bits: bit 0 walks the H x W grid column-major, bit 1 walks the order back to front.
-DIRECTION_CODES = {"row": 0, "col": 1, "row_reversed": 2, "col_reversed": 3}
+# "forward"/"backward" are Vim's names for row and row_reversed over a 1-D sequence.
+DIRECTION_CODES = {
+    "row": 0,
+    "col": 1,
+    "row_reversed": 2,
+    "col_reversed": 3,
+    "forward": 0,
+    "backward": 2,
+}
 
-# Chunk length used by the interpreter: small, so that the tests cross several chunk boundaries.
-INTERPRETER_CHUNK = 8
 
-
-@triton.jit
-def linear_combine(a_left, b_left, a_right, b_right):
-    """Compose two steps of ``h -> a * h + b`` (left first): the operator of the associative scan."""
-    return a_left * a_right, b_left * a_right + b_right
+def direction_codes(directions: Sequence[str], grid_size: tuple[int, int] | None) -> tuple[int, ...]:
+    """The kernels' code of each direction name; a clear error for an unknown name or a missing grid."""
+    codes = []
+    for name in directions:
+        if name not in DIRECTION_CODES:
+            raise ValueError(f"unknown scan direction {name!r}; expected one of {tuple(DIRECTION_CODES)}")
+        code = DIRECTION_CODES[name]
+        if code & 1 and grid_size is None:
+            raise ValueError(f"direction {name!r} needs grid_size=(H, W) to know the grid")
+        codes.append(code)
+    return tuple(codes)
 
 
 @triton.jit
@@ -67,87 +76,63 @@ def token_index(p, code, L, W, H, HAS_DIRS: tl.constexpr):
 # Triton picks compiled or interpreted kernels when a function is decorated (``@triton.jit`` reads
 # TRITON_INTERPRET then, and triton's own library functions such as tl.sum were decorated when triton
 # was imported), so the mode is read off a decorated function rather than the environment.
-INTERPRETED: bool = type(linear_combine).__name__ == "InterpretedFunction"
+INTERPRETED: bool = type(softplus).__name__ == "InterpretedFunction"
+
+# Tokens per unrolled step (SUB) and per chunk under the interpreter: small, so that the tests cross
+# several step and chunk boundaries. Module attributes, read at each call, so a test can change them.
+INTERPRETER_SUB = 4
+INTERPRETER_CHUNK = 8
+# On a GPU: tokens per unrolled step, the shortest chunk worth a chunk-parallel pass, the widest block.
+GPU_SUB = 8
+MIN_CHUNK = 128
+MAX_BLOCK_D = 128
+# Programs wanted per streaming multiprocessor before chunks are split off to run in parallel.
+PROGRAMS_PER_SM = 8
 
 
-def length_bucket(length: int) -> int:
-    """The autotuning cache's view of L: the next power of two (so nearby lengths share a tuned config)."""
-    return triton.next_power_of_2(length)
+@dataclass(frozen=True)
+class Plan:
+    """How one scan is launched: channels per program, warps, and how the tokens are cut.
 
-
-def state_chunk(length: int) -> int:
-    """Tokens per chunk when the forward saves chunk-boundary states for the backward (same in both)."""
-    if INTERPRETED:
-        return INTERPRETER_CHUNK
-    return min(32, max(16, triton.next_power_of_2(length)))
-
-
-def scan_flags(problem, D, z, delta_bias, delta_softplus: bool) -> dict:
-    """The compile-time flags the forward and backward kernels share, for one :class:`ScanProblem` launch."""
-    return {
-        "BLOCK_N": triton.next_power_of_2(problem.dstate),
-        "MATH": problem.math_dtype,
-        "HAS_D": D is not None,
-        "HAS_Z": z is not None,
-        "HAS_BIAS": delta_bias is not None,
-        "SOFTPLUS": bool(delta_softplus),
-        "HAS_DIRS": problem.has_dirs,
-    }
-
-
-def interpreter_block_d(per_group: int) -> int:
-    """Channels per program under the interpreter: the largest power of two <= 4 dividing ``per_group``."""
-    block = 4
-    while per_group % block:
-        block //= 2
-    return block
-
-
-def _configs(chunks: tuple[int | None, ...]) -> list[triton.Config]:
-    """Every (BLOCK_D, CHUNK, num_warps) candidate; ``None`` leaves CHUNK to the caller."""
-    configs = []
-    for chunk in chunks:
-        for block_d in (1, 2, 4, 8, 16, 32):
-            for warps in (2, 4, 8):
-                kwargs = {"BLOCK_D": block_d} if chunk is None else {"BLOCK_D": block_d, "CHUNK": chunk}
-                configs.append(triton.Config(kwargs, num_warps=warps))
-    return configs
-
-
-def forward_configs(tune_chunk: bool) -> list[triton.Config]:
-    """Forward candidates; the chunk is tuned too unless chunk states are saved (the backward needs it)."""
-    return _configs((32, 64) if tune_chunk else (None,))
-
-
-def backward_configs() -> list[triton.Config]:
-    """Backward candidates: the chunk is the forward's :func:`state_chunk`."""
-    return _configs((None,))
-
-
-def config_pruner(per_thread: int, keep: int = 8):
-    """An ``early_config_prune`` for :func:`triton.autotune` (it needs ``dpg``, ``BLOCK_N``, ``CHUNK``).
-
-    Keeps the configs whose block of channels divides the channels per group, then the ``keep`` whose
-    tiles give each thread closest to ``per_thread`` elements (in log scale): compiling for sm_90 showed
-    larger tiles per thread run out of registers (the backward keeps about ten such tiles live).
+    The tokens are cut into ``n_chunks`` chunks of ``chunk`` tokens (the last may be shorter) that run in
+    parallel; each chunk is walked ``sub`` tokens per unrolled step. Forward and backward of one problem
+    get the same plan (the backward reads the forward's chunk-entry states).
     """
 
-    def prune(configs, named_args, **kwargs):
-        per_group = named_args["dpg"]
-        block_n = named_args.get("BLOCK_N", kwargs.get("BLOCK_N"))
-        scored = []
-        for config in configs:
-            block_d = config.kwargs["BLOCK_D"]
-            if per_group % block_d:
-                continue
-            chunk = config.kwargs.get("CHUNK", named_args.get("CHUNK", kwargs.get("CHUNK")))
-            # (BLOCK_D, N, CHUNK) tiles plus about as many (BLOCK_D, CHUNK) ones, which dominate when N = 1.
-            elements = block_d * (block_n + 1) * chunk / (32 * config.num_warps)
-            scored.append((abs(math.log2(elements / per_thread)), -block_d, config))
-        scored.sort(key=lambda item: item[:2])
-        return [config for *_, config in scored[:keep]]
+    block_d: int
+    num_warps: int
+    sub: int
+    chunk: int
+    n_chunks: int
 
-    return prune
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def make_plan(batch: int, total_channels: int, per_group: int, length: int, device: torch.device) -> Plan:
+    """The launch plan: one thread per channel, and chunks in parallel only when batch x channels is short.
+
+    A program holds ``block_d`` channels of one direction and one B/C group (the largest power of two up
+    to :data:`MAX_BLOCK_D` dividing the channels per group) with one warp per 32 of them. When there are
+    fewer than :data:`PROGRAMS_PER_SM` such programs per multiprocessor, the sequence is cut into chunks
+    (of at least :data:`MIN_CHUNK` tokens) that run in parallel.
+    """
+    block_d = 1
+    while block_d < MAX_BLOCK_D and per_group % (2 * block_d) == 0:
+        block_d *= 2
+    num_warps = max(1, min(4, block_d // 32))
+    if INTERPRETED:
+        sub, chunk = INTERPRETER_SUB, INTERPRETER_CHUNK
+    else:
+        sub = GPU_SUB
+        programs = batch * (total_channels // block_d)
+        wanted = PROGRAMS_PER_SM * _sm_count(device)
+        n_chunks = max(1, min(-(-wanted // programs), length // MIN_CHUNK))
+        chunk = -(-length // n_chunks)
+    chunk = -(-chunk // sub) * sub
+    return Plan(block_d, num_warps, sub, chunk, -(-length // chunk))
 
 
 # Pointer arguments that carry activations in the I/O dtype; every other pointer is fp32 (or the int32
@@ -161,7 +146,8 @@ def compile_for_arch(kernel, constexprs: dict, io: str, arch: int = 90, num_warp
     """Compile a scan kernel for NVIDIA sm_``arch`` with Triton's bundled ptxas (no GPU or driver needed).
 
     ``io`` is the activations' Triton dtype name ("bf16", "fp16", "fp32"). Returns the compiled kernel
-    (``.asm["cubin"]`` holds the binary); used to check compilation and register use on CPU-only machines.
+    (``.asm["cubin"]`` holds the binary); used to check compilation and count instructions on CPU-only
+    machines.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
