@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import Plan, softplus, token_index
+from ._common import Plan, load_bc, load_rows, softplus, store_rows, token_index
 from .scan_fwd import _flags, launch_boundary, strides
 
 __all__ = ["launch_backward"]
@@ -90,6 +90,7 @@ def _bwd_local_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     HAS_DIRS: tl.constexpr,
+    EVEN_N: tl.constexpr,
     LOAD_ENTRY: tl.constexpr,
     LOCAL_CARRY: tl.constexpr,
 ):
@@ -103,9 +104,7 @@ def _bwd_local_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < Dtot
     mask_n = offs_n < N
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    A2 = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(MATH)
-    A2 = A2 * 1.4426950408889634
+    A2 = load_rows(A_ptr + offs_d * N, 1, mask_d, N, BLOCK_N, BLOCK_D, MATH) * 1.4426950408889634
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d).to(MATH)
     if HAS_DIRS:
@@ -120,17 +119,17 @@ def _bwd_local_kernel(
         z_row = z_ptr + pid_b * sz_b + k * sz_k + ch * sz_c
     B_row = B_ptr + pid_b * sB_b + grp * sB_g + offs_n * sB_n
     C_row = C_ptr + pid_b * sC_b + grp * sC_g + offs_n * sC_n
-    state_at = ((pid_b * n_chunks + pid_c) * N + offs_n[:, None]) * Dtot + offs_d[None, :]
+    state_at = (pid_b * n_chunks + pid_c) * N * Dtot + offs_d  # row 0 of this chunk's (N, D) states
 
     if LOAD_ENTRY:
-        h = tl.load(entry_ptr + state_at, mask=mask_nd, other=0.0)
+        h = load_rows(entry_ptr + state_at, Dtot, mask_d, N, BLOCK_N, BLOCK_D, MATH)
     else:
         h = tl.zeros((BLOCK_N, BLOCK_D), dtype=MATH)
     start = pid_c * chunk_len
     stop = tl.minimum(start + chunk_len, L)
     for t0 in range(start, stop, SUB):
-        ckpt_at = ((pid_b * n_sub + t0 // SUB) * N + offs_n[:, None]) * Dtot + offs_d[None, :]
-        tl.store(ckpt_ptr + ckpt_at, h, mask=mask_nd)
+        ckpt_at = (pid_b * n_sub + t0 // SUB) * N * Dtot + offs_d
+        store_rows(ckpt_ptr + ckpt_at, Dtot, h, mask_d, N, BLOCK_N)
         for j in tl.static_range(SUB):
             p = t0 + j
             valid = p < stop
@@ -143,7 +142,7 @@ def _bwd_local_kernel(
             if SOFTPLUS:
                 dt = softplus(dt)
             dt = tl.where(mask_t, dt, 0.0)
-            Bt = tl.load(B_row + s * sB_t, mask=mask_n & valid, other=0.0).to(MATH)
+            Bt = load_bc(B_row + s * sB_t, valid, mask_n, EVEN_N, MATH)
             h = tl.exp2(A2 * dt[None, :]) * h + Bt[:, None] * (dt * u)[None, :]
 
     if LOCAL_CARRY:
@@ -169,10 +168,10 @@ def _bwd_local_kernel(
                 if HAS_Z:
                     zt = tl.load(z_row + s * sz_t, mask=mask_t, other=0.0).to(MATH)
                     dy = dy * zt * tl.sigmoid(zt)
-                Ct = tl.load(C_row + s * sC_t, mask=mask_n & valid, other=0.0).to(MATH)
+                Ct = load_bc(C_row + s * sC_t, valid, mask_n, EVEN_N, MATH)
                 q = tl.exp2(A2 * dt[None, :]) * (Ct[:, None] * dy[None, :] + q)
                 dtsum += dt
-        tl.store(carry_ptr + state_at, q, mask=mask_nd)
+        store_rows(carry_ptr + state_at, Dtot, q, mask_d, N, BLOCK_N)
         tl.store(dtsum_ptr + (pid_b * n_chunks + pid_c) * Dtot + offs_d, dtsum, mask=mask_d)
 
 
@@ -251,6 +250,7 @@ def _bwd_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     HAS_DIRS: tl.constexpr,
+    EVEN_N: tl.constexpr,
     HAS_DLAST: tl.constexpr,
     LOAD_CARRY: tl.constexpr,
 ):
@@ -264,8 +264,7 @@ def _bwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < Dtot
     mask_n = offs_n < N
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    A = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(MATH)
+    A = load_rows(A_ptr + offs_d * N, 1, mask_d, N, BLOCK_N, BLOCK_D, MATH)
     A2 = A * 1.4426950408889634
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d).to(MATH)
@@ -287,14 +286,13 @@ def _bwd_kernel(
     B_row = B_ptr + pid_b * sB_b + grp * sB_g + offs_n * sB_n
     C_row = C_ptr + pid_b * sC_b + grp * sC_g + offs_n * sC_n
     dBC_row = (pid_b * (Dtot // dpg) + grp) * L * N + offs_n  # dB, dC buffers are (batch, groups, L, N)
-    state_at = ((pid_b * n_chunks + pid_c) * N + offs_n[:, None]) * Dtot + offs_d[None, :]
+    state_at = (pid_b * n_chunks + pid_c) * N * Dtot + offs_d  # row 0 of this chunk's (N, D) states
 
     # q: the adjoint carried into the token being visited from the token after it, exp(dt A) g.
     if LOAD_CARRY:
-        q = tl.load(carry_ptr + state_at, mask=mask_nd, other=0.0)
+        q = load_rows(carry_ptr + state_at, Dtot, mask_d, N, BLOCK_N, BLOCK_D, MATH)
     elif HAS_DLAST:
-        q = tl.load(dlast_ptr + (pid_b * N + offs_n[:, None]) * Dtot + offs_d[None, :], mask=mask_nd)
-        q = q.to(MATH)
+        q = load_rows(dlast_ptr + pid_b * N * Dtot + offs_d, Dtot, mask_d, N, BLOCK_N, BLOCK_D, MATH)
     else:
         q = tl.zeros((BLOCK_N, BLOCK_D), dtype=MATH)
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=MATH)
@@ -307,8 +305,8 @@ def _bwd_kernel(
     n_steps = tl.cdiv(stop - start, SUB)
     for i in range(0, n_steps):
         t0 = start + (n_steps - 1 - i) * SUB
-        ckpt_at = ((pid_b * n_sub + t0 // SUB) * N + offs_n[:, None]) * Dtot + offs_d[None, :]
-        h = tl.load(ckpt_ptr + ckpt_at, mask=mask_nd, other=0.0)
+        ckpt_at = (pid_b * n_sub + t0 // SUB) * N * Dtot + offs_d
+        h = load_rows(ckpt_ptr + ckpt_at, Dtot, mask_d, N, BLOCK_N, BLOCK_D, MATH)
         # Rebuild the SUB states of this step (as in the forward).
         hist = tl.zeros((SUB, BLOCK_N, BLOCK_D), dtype=MATH)
         for j in tl.static_range(SUB):
@@ -323,7 +321,7 @@ def _bwd_kernel(
             if SOFTPLUS:
                 dt = softplus(dt)
             dt = tl.where(mask_t, dt, 0.0)
-            Bt = tl.load(B_row + s * sB_t, mask=mask_n & valid, other=0.0).to(MATH)
+            Bt = load_bc(B_row + s * sB_t, valid, mask_n, EVEN_N, MATH)
             h = tl.exp2(A2 * dt[None, :]) * h + Bt[:, None] * (dt * u)[None, :]
             hist = tl.where(slot == j, h[None, :, :], hist)
         # Step the adjoint back over them.
@@ -343,8 +341,8 @@ def _bwd_kernel(
             else:
                 dt = dt_in
             dt = tl.where(mask_t, dt, 0.0)
-            Bt = tl.load(B_row + s * sB_t, mask=mask_n & valid, other=0.0).to(MATH)
-            Ct = tl.load(C_row + s * sC_t, mask=mask_n & valid, other=0.0).to(MATH)
+            Bt = load_bc(B_row + s * sB_t, valid, mask_n, EVEN_N, MATH)
+            Ct = load_bc(C_row + s * sC_t, valid, mask_n, EVEN_N, MATH)
             dy = tl.load(dout_row + s * sg_t, mask=mask_t, other=0.0).to(MATH) * dout_scale
             if HAS_Z:
                 zt = tl.load(z_row + s * sz_t, mask=mask_t, other=0.0).to(MATH)
@@ -377,7 +375,7 @@ def _bwd_kernel(
             tl.store(ddelta_row + s * sdd_t, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_t)
             q = tl.exp2(A2 * dt[None, :]) * g
 
-    tl.store(dA_ptr + state_at, dA_acc, mask=mask_nd)
+    store_rows(dA_ptr + state_at, Dtot, dA_acc, mask_d, N, BLOCK_N)
     if HAS_D:
         tl.store(dD_ptr + (pid_b * n_chunks + pid_c) * Dtot + offs_d, dD_acc, mask=mask_d)
     if HAS_BIAS:
@@ -415,7 +413,7 @@ def launch_backward(
     p = problem
     f = grads["dA"].dtype
     chunked = plan.n_chunks > 1
-    n_sub = -(-p.length // plan.sub)
+    n_sub = -(-p.length // plan.bwd_sub)
     ckpt = torch.empty((p.batch, n_sub, p.dstate, p.total_channels), dtype=f, device=u.device)
     carry = dtsum = None
     if chunked:
@@ -443,7 +441,8 @@ def launch_backward(
     )
     flags = _flags(p, plan, None, z, delta_bias, delta_softplus)
     del flags["HAS_D"]
-    grid = (p.total_channels // plan.block_d, p.batch, plan.n_chunks)
+    flags.update(BLOCK_D=plan.bwd_block_d, SUB=plan.bwd_sub)
+    grid = (p.total_channels // plan.bwd_block_d, p.batch, plan.n_chunks)
     _bwd_local_kernel[grid](
         u,
         delta,
@@ -464,7 +463,7 @@ def launch_backward(
         **flags,
         LOAD_ENTRY=entry is not None,
         LOCAL_CARRY=chunked,
-        num_warps=plan.num_warps,
+        num_warps=plan.bwd_warps,
     )
     if chunked:
         launch_boundary(p, plan, A, carry, dtsum, dlast, None, reverse=True)
@@ -497,8 +496,12 @@ def launch_backward(
         *strides(dz),
         *B.stride(),
         *C.stride(),
-        **_flags(p, plan, D, z, delta_bias, delta_softplus),
+        **{
+            **_flags(p, plan, D, z, delta_bias, delta_softplus),
+            "BLOCK_D": plan.bwd_block_d,
+            "SUB": plan.bwd_sub,
+        },
         HAS_DLAST=dlast is not None,
         LOAD_CARRY=chunked,
-        num_warps=plan.num_warps,
+        num_warps=plan.bwd_warps,
     )

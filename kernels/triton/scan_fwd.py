@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import Plan, softplus, token_index
+from ._common import Plan, load_bc, load_rows, softplus, store_rows, token_index
 
 __all__ = ["launch_boundary", "launch_forward"]
 
@@ -84,6 +84,7 @@ def _fwd_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     HAS_DIRS: tl.constexpr,
+    EVEN_N: tl.constexpr,
     LOAD_ENTRY: tl.constexpr,
     STORE_OUT: tl.constexpr,
     STORE_END: tl.constexpr,
@@ -99,12 +100,10 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < Dtot
     mask_n = offs_n < N
-    mask_nd = mask_n[:, None] & mask_d[None, :]
 
     # States are (N, channels) tiles, channels across threads, the N states of a channel in its thread.
     # A is pre-multiplied by log2(e) so that the decay is one exp2.
-    A2 = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(MATH)
-    A2 = A2 * 1.4426950408889634
+    A2 = load_rows(A_ptr + offs_d * N, 1, mask_d, N, BLOCK_N, BLOCK_D, MATH) * 1.4426950408889634
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d).to(MATH)
     if HAS_BIAS:
@@ -122,10 +121,10 @@ def _fwd_kernel(
         z_row = z_ptr + pid_b * sz_b + k * sz_k + ch * sz_c
     B_row = B_ptr + pid_b * sB_b + grp * sB_g + offs_n * sB_n
     C_row = C_ptr + pid_b * sC_b + grp * sC_g + offs_n * sC_n
-    state_at = ((pid_b * n_chunks + pid_c) * N + offs_n[:, None]) * Dtot + offs_d[None, :]
+    state_at = (pid_b * n_chunks + pid_c) * N * Dtot + offs_d  # row 0 of this chunk's (N, D) states
 
     if LOAD_ENTRY:
-        h = tl.load(entry_ptr + state_at, mask=mask_nd, other=0.0)
+        h = load_rows(entry_ptr + state_at, Dtot, mask_d, N, BLOCK_N, BLOCK_D, MATH)
     else:
         h = tl.zeros((BLOCK_N, BLOCK_D), dtype=MATH)
     dtsum = tl.zeros((BLOCK_D,), dtype=MATH)
@@ -144,12 +143,12 @@ def _fwd_kernel(
             if SOFTPLUS:
                 dt = softplus(dt)
             dt = tl.where(mask_t, dt, 0.0)  # tokens past the chunk: decay 1, drive 0
-            Bt = tl.load(B_row + s * sB_t, mask=mask_n & valid, other=0.0).to(MATH)
+            Bt = load_bc(B_row + s * sB_t, valid, mask_n, EVEN_N, MATH)
             h = tl.exp2(A2 * dt[None, :]) * h + Bt[:, None] * (dt * u)[None, :]
             if STORE_DTSUM:
                 dtsum += dt
             if STORE_OUT:
-                Ct = tl.load(C_row + s * sC_t, mask=mask_n & valid, other=0.0).to(MATH)
+                Ct = load_bc(C_row + s * sC_t, valid, mask_n, EVEN_N, MATH)
                 y = tl.sum(h * Ct[:, None], axis=0)
                 if HAS_D:
                     y += u * Dv
@@ -158,7 +157,7 @@ def _fwd_kernel(
                     y = y * zt * tl.sigmoid(zt)
                 tl.store(out_row + s * so_t, y.to(out_ptr.dtype.element_ty), mask=mask_t)
     if STORE_END:
-        tl.store(end_ptr + state_at, h, mask=mask_nd)
+        store_rows(end_ptr + state_at, Dtot, h, mask_d, N, BLOCK_N)
     if STORE_DTSUM:
         tl.store(dtsum_ptr + (pid_b * n_chunks + pid_c) * Dtot + offs_d, dtsum, mask=mask_d)
 
@@ -188,14 +187,10 @@ def _boundary_kernel(
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < Dtot
-    mask_nd = (offs_n < N)[:, None] & mask_d[None, :]
-    A2 = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(MATH)
-    A2 = A2 * 1.4426950408889634
-    at = (pid_b * N + offs_n[:, None]) * Dtot + offs_d[None, :]
+    A2 = load_rows(A_ptr + offs_d * N, 1, mask_d, N, BLOCK_N, BLOCK_D, MATH) * 1.4426950408889634
     if HAS_INIT:
-        x = tl.load(init_ptr + at, mask=mask_nd, other=0.0).to(MATH)
+        x = load_rows(init_ptr + pid_b * N * Dtot + offs_d, Dtot, mask_d, N, BLOCK_N, BLOCK_D, MATH)
     else:
         x = tl.zeros((BLOCK_N, BLOCK_D), dtype=MATH)
     for i in range(0, n_chunks):
@@ -203,13 +198,13 @@ def _boundary_kernel(
             c = n_chunks - 1 - i
         else:
             c = i
-        chunk_at = ((pid_b * n_chunks + c) * N + offs_n[:, None]) * Dtot + offs_d[None, :]
-        local = tl.load(local_ptr + chunk_at, mask=mask_nd, other=0.0)
+        chunk_at = (pid_b * n_chunks + c) * N * Dtot + offs_d
+        local = load_rows(local_ptr + chunk_at, Dtot, mask_d, N, BLOCK_N, BLOCK_D, MATH)
         dtsum = tl.load(dtsum_ptr + (pid_b * n_chunks + c) * Dtot + offs_d, mask=mask_d, other=0.0)
-        tl.store(local_ptr + chunk_at, x, mask=mask_nd)
+        store_rows(local_ptr + chunk_at, Dtot, x, mask_d, N, BLOCK_N)
         x = tl.exp2(A2 * dtsum[None, :]) * x + local
     if STORE_FINAL:
-        tl.store(final_ptr + at, x, mask=mask_nd)
+        store_rows(final_ptr + pid_b * N * Dtot + offs_d, Dtot, x, mask_d, N, BLOCK_N)
 
 
 def strides(t: Tensor) -> tuple[int, ...]:
@@ -228,6 +223,7 @@ def _flags(problem, plan: Plan, D, z, delta_bias, delta_softplus) -> dict:
         "HAS_BIAS": delta_bias is not None,
         "SOFTPLUS": bool(delta_softplus),
         "HAS_DIRS": problem.has_dirs,
+        "EVEN_N": problem.dstate == triton.next_power_of_2(problem.dstate),
     }
 
 
