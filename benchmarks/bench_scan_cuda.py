@@ -295,7 +295,8 @@ def sass_report(arch: int) -> list[dict]:
     for name, kernel, consts in runs:
         warps = max(1, consts["BLOCK_D"] // 32)
         counts = sass_counts(kernel, consts, warps, arch=arch)
-        per = consts["SUB"]  # one thread per channel: the static loop body covers SUB tokens
+        # One thread per channel: a loop iteration covers SUB tokens (forward) or a checkpoint's 2 * SUB.
+        per = consts["SUB"] * (1 if kernel is _fwd_kernel else 2)
         row = {"kernel": name, "block_d": consts["BLOCK_D"], "warps": warps, "tokens": per, **counts}
         rows.append(row)
         print(

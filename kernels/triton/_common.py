@@ -187,7 +187,7 @@ def make_plan(batch: int, total_channels: int, per_group: int, length: int, devi
         wanted = PROGRAMS_PER_SM * _sm_count(device)
         n_chunks = max(1, min(-(-wanted // programs), length // MIN_CHUNK))
         chunk = -(-length // n_chunks)
-    step = max(sub, bwd_sub)  # both divide it: powers of two
+    step = max(sub, 2 * bwd_sub)  # the backward checkpoints every 2 * bwd_sub tokens; powers of two
     chunk = -(-chunk // step) * step
     return Plan(block_d, num_warps, sub, bwd_block_d, bwd_warps, bwd_sub, chunk, -(-length // chunk))
 

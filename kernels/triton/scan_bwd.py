@@ -57,7 +57,7 @@ def _bwd_local_kernel(
     N,
     chunk_len,
     n_chunks,
-    n_sub,
+    n_ckpt,
     dout_scale,
     su_b,
     su_c,
@@ -127,10 +127,10 @@ def _bwd_local_kernel(
         h = tl.zeros((BLOCK_N, BLOCK_D), dtype=MATH)
     start = pid_c * chunk_len
     stop = tl.minimum(start + chunk_len, L)
-    for t0 in range(start, stop, SUB):
-        ckpt_at = (pid_b * n_sub + t0 // SUB) * N * Dtot + offs_d
+    for t0 in range(start, stop, 2 * SUB):
+        ckpt_at = (pid_b * n_ckpt + t0 // (2 * SUB)) * N * Dtot + offs_d
         store_rows(ckpt_ptr + ckpt_at, Dtot, h, mask_d, N, BLOCK_N)
-        for j in tl.static_range(SUB):
+        for j in tl.static_range(2 * SUB):
             p = t0 + j
             valid = p < stop
             s = token_index(p, code, L, W, H, HAS_DIRS)
@@ -207,7 +207,7 @@ def _bwd_kernel(
     N,
     chunk_len,
     n_chunks,
-    n_sub,
+    n_ckpt,
     dout_scale,
     su_b,
     su_c,
@@ -264,8 +264,8 @@ def _bwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < Dtot
     mask_n = offs_n < N
-    A = load_rows(A_ptr + offs_d * N, 1, mask_d, N, BLOCK_N, BLOCK_D, MATH)
-    A2 = A * 1.4426950408889634
+    # Only A * log2(e) is kept (registers are short here): A itself is that times ln(2).
+    A2 = load_rows(A_ptr + offs_d * N, 1, mask_d, N, BLOCK_N, BLOCK_D, MATH) * 1.4426950408889634
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d).to(MATH)
     if HAS_BIAS:
@@ -302,15 +302,15 @@ def _bwd_kernel(
 
     start = pid_c * chunk_len
     stop = tl.minimum(start + chunk_len, L)
-    n_steps = tl.cdiv(stop - start, SUB)
-    for i in range(0, n_steps):
-        t0 = start + (n_steps - 1 - i) * SUB
-        ckpt_at = (pid_b * n_sub + t0 // SUB) * N * Dtot + offs_d
-        h = load_rows(ckpt_ptr + ckpt_at, Dtot, mask_d, N, BLOCK_N, BLOCK_D, MATH)
-        # Rebuild the SUB states of this step (as in the forward).
-        hist = tl.zeros((SUB, BLOCK_N, BLOCK_D), dtype=MATH)
+    n_segs = tl.cdiv(stop - start, 2 * SUB)
+    for i in range(0, n_segs):
+        t_seg = start + (n_segs - 1 - i) * (2 * SUB)
+        ckpt_at = (pid_b * n_ckpt + t_seg // (2 * SUB)) * N * Dtot + offs_d
+        h_seg = load_rows(ckpt_ptr + ckpt_at, Dtot, mask_d, N, BLOCK_N, BLOCK_D, MATH)
+        # The state halfway through the segment, walked from its checkpoint.
+        h_mid = h_seg
         for j in tl.static_range(SUB):
-            p = t0 + j
+            p = t_seg + j
             valid = p < stop
             s = token_index(p, code, L, W, H, HAS_DIRS)
             mask_t = mask_d & valid
@@ -322,58 +322,82 @@ def _bwd_kernel(
                 dt = softplus(dt)
             dt = tl.where(mask_t, dt, 0.0)
             Bt = load_bc(B_row + s * sB_t, valid, mask_n, EVEN_N, MATH)
-            h = tl.exp2(A2 * dt[None, :]) * h + Bt[:, None] * (dt * u)[None, :]
-            hist = tl.where(slot == j, h[None, :, :], hist)
-        # Step the adjoint back over them.
-        for j in tl.static_range(SUB):
-            jr = SUB - 1 - j
-            p = t0 + jr
-            valid = p < stop
-            s = token_index(p, code, L, W, H, HAS_DIRS)
-            mask_t = mask_d & valid
-            h = tl.sum(tl.where(slot == jr, hist, -0.0), axis=0)  # picks slot jr (adding -0.0 is exact)
-            u = tl.load(u_row + s * su_t, mask=mask_t, other=0.0).to(MATH)
-            dt_in = tl.load(delta_row + s * sd_t, mask=mask_t, other=0.0).to(MATH)
-            if HAS_BIAS:
-                dt_in = dt_in + bias
-            if SOFTPLUS:
-                dt = softplus(dt_in)
+            h_mid = tl.exp2(A2 * dt[None, :]) * h_mid + Bt[:, None] * (dt * u)[None, :]
+        # The second half of the segment, then the first.
+        for half in tl.static_range(2):
+            if half == 0:
+                t0 = t_seg + SUB
+                h = h_mid
             else:
-                dt = dt_in
-            dt = tl.where(mask_t, dt, 0.0)
-            Bt = load_bc(B_row + s * sB_t, valid, mask_n, EVEN_N, MATH)
-            Ct = load_bc(C_row + s * sC_t, valid, mask_n, EVEN_N, MATH)
-            dy = tl.load(dout_row + s * sg_t, mask=mask_t, other=0.0).to(MATH) * dout_scale
-            if HAS_Z:
-                zt = tl.load(z_row + s * sz_t, mask=mask_t, other=0.0).to(MATH)
-                sig = tl.sigmoid(zt)
-                y = tl.sum(h * Ct[:, None], axis=0)
+                t0 = t_seg
+                h = h_seg
+            # Rebuild the SUB states of this step (as in the forward).
+            hist = tl.zeros((SUB, BLOCK_N, BLOCK_D), dtype=MATH)
+            for j in tl.static_range(SUB):
+                p = t0 + j
+                valid = p < stop
+                s = token_index(p, code, L, W, H, HAS_DIRS)
+                mask_t = mask_d & valid
+                u = tl.load(u_row + s * su_t, mask=mask_t, other=0.0).to(MATH)
+                dt = tl.load(delta_row + s * sd_t, mask=mask_t, other=0.0).to(MATH)
+                if HAS_BIAS:
+                    dt = dt + bias
+                if SOFTPLUS:
+                    dt = softplus(dt)
+                dt = tl.where(mask_t, dt, 0.0)
+                Bt = load_bc(B_row + s * sB_t, valid, mask_n, EVEN_N, MATH)
+                h = tl.exp2(A2 * dt[None, :]) * h + Bt[:, None] * (dt * u)[None, :]
+                hist = tl.where(slot == j, h[None, :, :], hist)
+            # Step the adjoint back over them.
+            for j in tl.static_range(SUB):
+                jr = SUB - 1 - j
+                p = t0 + jr
+                valid = p < stop
+                s = token_index(p, code, L, W, H, HAS_DIRS)
+                mask_t = mask_d & valid
+                h = tl.sum(tl.where(slot == jr, hist, -0.0), axis=0)  # picks slot jr (adding -0.0 is exact)
+                u = tl.load(u_row + s * su_t, mask=mask_t, other=0.0).to(MATH)
+                dt_in = tl.load(delta_row + s * sd_t, mask=mask_t, other=0.0).to(MATH)
+                if HAS_BIAS:
+                    dt_in = dt_in + bias
+                if SOFTPLUS:
+                    dt = softplus(dt_in)
+                else:
+                    dt = dt_in
+                dt = tl.where(mask_t, dt, 0.0)
+                Bt = load_bc(B_row + s * sB_t, valid, mask_n, EVEN_N, MATH)
+                Ct = load_bc(C_row + s * sC_t, valid, mask_n, EVEN_N, MATH)
+                dy = tl.load(dout_row + s * sg_t, mask=mask_t, other=0.0).to(MATH) * dout_scale
+                if HAS_Z:
+                    zt = tl.load(z_row + s * sz_t, mask=mask_t, other=0.0).to(MATH)
+                    sig = tl.sigmoid(zt)
+                    y = tl.sum(h * Ct[:, None], axis=0)
+                    if HAS_D:
+                        y += u * Dv
+                    dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
+                    tl.store(dz_row + s * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=mask_t)
+                    dy = dy * zt * sig
+                g = Ct[:, None] * dy[None, :] + q
+                dtu = dt * u
+                dC = tl.sum(h * dy[None, :], axis=1)
+                tl.atomic_add(dC_ptr + dBC_row + s * N, dC, mask=mask_n & valid)
+                dB = tl.sum(g * dtu[None, :], axis=1)
+                tl.atomic_add(dB_ptr + dBC_row + s * N, dB, mask=mask_n & valid)
+                x = g * (h - Bt[:, None] * dtu[None, :])  # g_t exp(dt_t A) h_{t-1}
+                dA_acc += x * dt[None, :]
+                gB = tl.sum(g * Bt[:, None], axis=0)
+                du = gB * dt
                 if HAS_D:
-                    y += u * Dv
-                dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
-                tl.store(dz_row + s * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=mask_t)
-                dy = dy * zt * sig
-            g = Ct[:, None] * dy[None, :] + q
-            dtu = dt * u
-            dC = tl.sum(h * dy[None, :], axis=1)
-            tl.atomic_add(dC_ptr + dBC_row + s * N, dC, mask=mask_n & valid)
-            dB = tl.sum(g * dtu[None, :], axis=1)
-            tl.atomic_add(dB_ptr + dBC_row + s * N, dB, mask=mask_n & valid)
-            x = g * (h - Bt[:, None] * dtu[None, :])  # g_t exp(dt_t A) h_{t-1}
-            dA_acc += x * dt[None, :]
-            gB = tl.sum(g * Bt[:, None], axis=0)
-            du = gB * dt
-            if HAS_D:
-                du += dy * Dv
-                dD_acc += dy * u
-            tl.store(du_row + s * sdu_t, du.to(du_ptr.dtype.element_ty), mask=mask_t)
-            ddt = tl.sum(x * A, axis=0) + gB * u
-            if SOFTPLUS:
-                ddt = ddt * tl.sigmoid(dt_in)
-            ddt = tl.where(mask_t, ddt, 0.0)
-            dbias_acc += ddt
-            tl.store(ddelta_row + s * sdd_t, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_t)
-            q = tl.exp2(A2 * dt[None, :]) * g
+                    du += dy * Dv
+                    dD_acc += dy * u
+                tl.store(du_row + s * sdu_t, du.to(du_ptr.dtype.element_ty), mask=mask_t)
+                ddt = tl.sum(x * A2, axis=0) * 0.6931471805599453 + gB * u
+                if SOFTPLUS:
+                    ddt = ddt * tl.sigmoid(dt_in)
+                ddt = tl.where(mask_t, ddt, 0.0)
+                dbias_acc += ddt
+                tl.store(ddelta_row + s * sdd_t, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_t)
+                q = tl.exp2(A2 * dt[None, :]) * g
 
     store_rows(dA_ptr + state_at, Dtot, dA_acc, mask_d, N, BLOCK_N)
     if HAS_D:
@@ -413,8 +437,8 @@ def launch_backward(
     p = problem
     f = grads["dA"].dtype
     chunked = plan.n_chunks > 1
-    n_sub = -(-p.length // plan.bwd_sub)
-    ckpt = torch.empty((p.batch, n_sub, p.dstate, p.total_channels), dtype=f, device=u.device)
+    n_ckpt = -(-p.length // (2 * plan.bwd_sub))
+    ckpt = torch.empty((p.batch, n_ckpt, p.dstate, p.total_channels), dtype=f, device=u.device)
     carry = dtsum = None
     if chunked:
         carry = torch.empty((p.batch, plan.n_chunks, p.dstate, p.total_channels), dtype=f, device=u.device)
@@ -431,7 +455,7 @@ def launch_backward(
         p.dstate,
         plan.chunk,
         plan.n_chunks,
-        n_sub,
+        n_ckpt,
         float(dout_scale),
         *strides(u),
         p.u_dir_stride,
