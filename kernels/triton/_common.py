@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton scan kernels: device helpers, direction codes, block-size choices.
+"""Pieces shared by the Triton scan kernels: direction codes, device helpers, the launch plan.
 
 Everything here imports triton; the package ``__init__`` only imports this module once triton is known to
 be importable.
@@ -6,40 +6,52 @@ be importable.
 
 from __future__ import annotations
 
-import math
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
 
 __all__ = [
     "DIRECTION_CODES",
     "INTERPRETED",
-    "INTERPRETER_CHUNK",
-    "backward_configs",
+    "Plan",
     "compile_for_arch",
-    "config_pruner",
-    "forward_configs",
-    "interpreter_block_d",
-    "length_bucket",
-    "linear_combine",
-    "scan_flags",
+    "direction_codes",
+    "load_bc",
+    "load_rows",
+    "make_plan",
     "softplus",
-    "state_chunk",
+    "store_rows",
     "token_index",
 ]
 
 
 # A direction is two bits: bit 0 walks the H x W grid column-major, bit 1 walks the order back to front.
-DIRECTION_CODES = {"row": 0, "col": 1, "row_reversed": 2, "col_reversed": 3}
+# "forward"/"backward" are Vim's names for row and row_reversed over a 1-D sequence.
+DIRECTION_CODES = {
+    "row": 0,
+    "col": 1,
+    "row_reversed": 2,
+    "col_reversed": 3,
+    "forward": 0,
+    "backward": 2,
+}
 
-# Chunk length used by the interpreter: small, so that the tests cross several chunk boundaries.
-INTERPRETER_CHUNK = 8
 
-
-@triton.jit
-def linear_combine(a_left, b_left, a_right, b_right):
-    """Compose two steps of ``h -> a * h + b`` (left first): the operator of the associative scan."""
-    return a_left * a_right, b_left * a_right + b_right
+def direction_codes(directions: Sequence[str], grid_size: tuple[int, int] | None) -> tuple[int, ...]:
+    """The kernels' code of each direction name; a clear error for an unknown name or a missing grid."""
+    codes = []
+    for name in directions:
+        if name not in DIRECTION_CODES:
+            raise ValueError(f"unknown scan direction {name!r}; expected one of {tuple(DIRECTION_CODES)}")
+        code = DIRECTION_CODES[name]
+        if code & 1 and grid_size is None:
+            raise ValueError(f"direction {name!r} needs grid_size=(H, W) to know the grid")
+        codes.append(code)
+    return tuple(codes)
 
 
 @triton.jit
@@ -64,90 +76,120 @@ def token_index(p, code, L, W, H, HAS_DIRS: tl.constexpr):
     return s
 
 
+@triton.jit
+def load_rows(ptr, n_stride, mask, N, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MATH: tl.constexpr):
+    """A (BLOCK_N, BLOCK_D) tile from N rows of BLOCK_D values (``ptr`` the row-0 pointers).
+
+    Loaded one row at a time, so that no 2-D access makes the compiler lay the tile out with the N axis
+    across threads: the tile keeps the default layout, channels across threads and the N states of a
+    channel inside its thread (the rows are inserted at constant indices, which compiles to plain
+    register moves).
+    """
+    rows = tl.arange(0, BLOCK_N)[:, None]
+    tile = tl.zeros((BLOCK_N, BLOCK_D), dtype=MATH)
+    for n in tl.static_range(BLOCK_N):
+        row = tl.load(ptr + n * n_stride, mask=mask & (n < N), other=0.0).to(MATH)
+        tile = tl.where(rows == n, row[None, :], tile)
+    return tile
+
+
+@triton.jit
+def store_rows(ptr, n_stride, tile, mask, N, BLOCK_N: tl.constexpr):
+    """Store a (BLOCK_N, BLOCK_D) tile row by row (the counterpart of :func:`load_rows`)."""
+    rows = tl.arange(0, BLOCK_N)[:, None]
+    for n in tl.static_range(BLOCK_N):
+        row = tl.sum(tl.where(rows == n, tile, -0.0), axis=0)  # picks row n (adding -0.0 is exact)
+        tl.store(ptr + n * n_stride, row, mask=mask & (n < N))
+
+
+@triton.jit
+def load_bc(ptr, valid, mask_n, EVEN_N: tl.constexpr, MATH: tl.constexpr):
+    """One token's N values of B or C. With N a power of two the mask is the token's alone, which lets
+    the compiler load them as whole vectors when they are contiguous."""
+    if EVEN_N:
+        x = tl.load(ptr, mask=valid, other=0.0)
+    else:
+        x = tl.load(ptr, mask=mask_n & valid, other=0.0)
+    return x.to(MATH)
+
+
 # Triton picks compiled or interpreted kernels when a function is decorated (``@triton.jit`` reads
 # TRITON_INTERPRET then, and triton's own library functions such as tl.sum were decorated when triton
 # was imported), so the mode is read off a decorated function rather than the environment.
-INTERPRETED: bool = type(linear_combine).__name__ == "InterpretedFunction"
+INTERPRETED: bool = type(softplus).__name__ == "InterpretedFunction"
+
+# Tokens per unrolled step and per chunk under the interpreter: small, so that the tests cross several
+# step and chunk boundaries. Module attributes, read at each call, so a test can change them.
+INTERPRETER_SUB = 4
+INTERPRETER_CHUNK = 8
+# On a GPU: tokens per unrolled step (forward; the backward keeps that many states per channel in
+# registers, so it takes fewer), the shortest chunk worth a chunk-parallel pass, the widest blocks (the
+# backward sums dB and dC over its block's channels for every token: one warp needs no shared memory).
+GPU_SUB = 8
+GPU_BWD_SUB = 4
+MIN_CHUNK = 128
+MAX_BLOCK_D = 128
+MAX_BWD_BLOCK_D = 32
+# Programs wanted per streaming multiprocessor before chunks are split off to run in parallel.
+PROGRAMS_PER_SM = 8
 
 
-def length_bucket(length: int) -> int:
-    """The autotuning cache's view of L: the next power of two (so nearby lengths share a tuned config)."""
-    return triton.next_power_of_2(length)
+@dataclass(frozen=True)
+class Plan:
+    """How one scan is launched: channels per program, warps, and how the tokens are cut.
 
-
-def state_chunk(length: int) -> int:
-    """Tokens per chunk when the forward saves chunk-boundary states for the backward (same in both)."""
-    if INTERPRETED:
-        return INTERPRETER_CHUNK
-    return min(32, max(16, triton.next_power_of_2(length)))
-
-
-def scan_flags(problem, D, z, delta_bias, delta_softplus: bool) -> dict:
-    """The compile-time flags the forward and backward kernels share, for one :class:`ScanProblem` launch."""
-    return {
-        "BLOCK_N": triton.next_power_of_2(problem.dstate),
-        "MATH": problem.math_dtype,
-        "HAS_D": D is not None,
-        "HAS_Z": z is not None,
-        "HAS_BIAS": delta_bias is not None,
-        "SOFTPLUS": bool(delta_softplus),
-        "HAS_DIRS": problem.has_dirs,
-    }
-
-
-def interpreter_block_d(per_group: int) -> int:
-    """Channels per program under the interpreter: the largest power of two <= 4 dividing ``per_group``."""
-    block = 4
-    while per_group % block:
-        block //= 2
-    return block
-
-
-def _configs(chunks: tuple[int | None, ...]) -> list[triton.Config]:
-    """Every (BLOCK_D, CHUNK, num_warps) candidate; ``None`` leaves CHUNK to the caller."""
-    configs = []
-    for chunk in chunks:
-        for block_d in (1, 2, 4, 8, 16, 32):
-            for warps in (2, 4, 8):
-                kwargs = {"BLOCK_D": block_d} if chunk is None else {"BLOCK_D": block_d, "CHUNK": chunk}
-                configs.append(triton.Config(kwargs, num_warps=warps))
-    return configs
-
-
-def forward_configs(tune_chunk: bool) -> list[triton.Config]:
-    """Forward candidates; the chunk is tuned too unless chunk states are saved (the backward needs it)."""
-    return _configs((32, 64) if tune_chunk else (None,))
-
-
-def backward_configs() -> list[triton.Config]:
-    """Backward candidates: the chunk is the forward's :func:`state_chunk`."""
-    return _configs((None,))
-
-
-def config_pruner(per_thread: int, keep: int = 8):
-    """An ``early_config_prune`` for :func:`triton.autotune` (it needs ``dpg``, ``BLOCK_N``, ``CHUNK``).
-
-    Keeps the configs whose block of channels divides the channels per group, then the ``keep`` whose
-    tiles give each thread closest to ``per_thread`` elements (in log scale): compiling for sm_90 showed
-    larger tiles per thread run out of registers (the backward keeps about ten such tiles live).
+    The tokens are cut into ``n_chunks`` chunks of ``chunk`` tokens (the last may be shorter) that run in
+    parallel; each chunk is walked ``sub`` tokens per unrolled step (``bwd_sub`` in the backward, which
+    also checkpoints the state that often). Forward and backward of one problem get the same plan (the
+    backward reads the forward's chunk-entry states, whatever the blocks of channels).
     """
 
-    def prune(configs, named_args, **kwargs):
-        per_group = named_args["dpg"]
-        block_n = named_args.get("BLOCK_N", kwargs.get("BLOCK_N"))
-        scored = []
-        for config in configs:
-            block_d = config.kwargs["BLOCK_D"]
-            if per_group % block_d:
-                continue
-            chunk = config.kwargs.get("CHUNK", named_args.get("CHUNK", kwargs.get("CHUNK")))
-            # (BLOCK_D, N, CHUNK) tiles plus about as many (BLOCK_D, CHUNK) ones, which dominate when N = 1.
-            elements = block_d * (block_n + 1) * chunk / (32 * config.num_warps)
-            scored.append((abs(math.log2(elements / per_thread)), -block_d, config))
-        scored.sort(key=lambda item: item[:2])
-        return [config for *_, config in scored[:keep]]
+    block_d: int
+    num_warps: int
+    sub: int
+    bwd_block_d: int
+    bwd_warps: int
+    bwd_sub: int
+    chunk: int
+    n_chunks: int
 
-    return prune
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _block(per_group: int, widest: int) -> tuple[int, int]:
+    """Channels per program (a power of two up to ``widest`` dividing ``per_group``) and its warps."""
+    block_d = 1
+    while block_d < widest and per_group % (2 * block_d) == 0:
+        block_d *= 2
+    return block_d, max(1, min(4, block_d // 32))
+
+
+def make_plan(batch: int, total_channels: int, per_group: int, length: int, device: torch.device) -> Plan:
+    """The launch plan: one thread per channel, and chunks in parallel only when batch x channels is short.
+
+    A program holds a block of channels of one direction and one B/C group (the largest power of two up
+    to :data:`MAX_BLOCK_D`, :data:`MAX_BWD_BLOCK_D` in the backward, dividing the channels per group),
+    with one warp per 32 of them. When there are fewer than :data:`PROGRAMS_PER_SM` forward programs per
+    multiprocessor, the sequence is cut into chunks (of at least :data:`MIN_CHUNK` tokens) that run in
+    parallel.
+    """
+    block_d, num_warps = _block(per_group, MAX_BLOCK_D)
+    bwd_block_d, bwd_warps = _block(per_group, MAX_BWD_BLOCK_D)
+    if INTERPRETED:
+        sub = bwd_sub = INTERPRETER_SUB
+        chunk = INTERPRETER_CHUNK
+    else:
+        sub, bwd_sub = GPU_SUB, GPU_BWD_SUB
+        programs = batch * (total_channels // block_d)
+        wanted = PROGRAMS_PER_SM * _sm_count(device)
+        n_chunks = max(1, min(-(-wanted // programs), length // MIN_CHUNK))
+        chunk = -(-length // n_chunks)
+    step = max(sub, 2 * bwd_sub)  # the backward checkpoints every 2 * bwd_sub tokens; powers of two
+    chunk = -(-chunk // step) * step
+    return Plan(block_d, num_warps, sub, bwd_block_d, bwd_warps, bwd_sub, chunk, -(-length // chunk))
 
 
 # Pointer arguments that carry activations in the I/O dtype; every other pointer is fp32 (or the int32
@@ -157,12 +199,29 @@ _ACTIVATION_POINTERS = frozenset(
 )
 
 
-def compile_for_arch(kernel, constexprs: dict, io: str, arch: int = 90, num_warps: int = 4):
+def compile_for_arch(
+    kernel,
+    constexprs: dict,
+    io: str,
+    arch: int = 90,
+    num_warps: int = 4,
+    unit_strides: Sequence[str] = (),
+    divisible: Sequence[str] = (),
+):
     """Compile a scan kernel for NVIDIA sm_``arch`` with Triton's bundled ptxas (no GPU or driver needed).
 
-    ``io`` is the activations' Triton dtype name ("bf16", "fp16", "fp32"). Returns the compiled kernel
-    (``.asm["cubin"]`` holds the binary); used to check compilation and register use on CPU-only machines.
+    ``io`` is the activations' Triton dtype name ("bf16", "fp16", "fp32"). As Triton's launcher does at
+    run time, integer arguments named in ``unit_strides`` are fixed at 1 (for example the channel strides
+    of token-major activations) and those in ``divisible`` marked as multiples of 16; pointers are marked
+    16-byte aligned. Returns the compiled kernel (``.asm["cubin"]`` holds the binary); used to check
+    compilation and count instructions on CPU-only machines.
     """
+    constexprs = {**constexprs, **dict.fromkeys(unit_strides, 1)}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(kernel.arg_names)
+        if name not in constexprs and (name.endswith("_ptr") or name in divisible)
+    }
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -178,5 +237,5 @@ def compile_for_arch(kernel, constexprs: dict, io: str, arch: int = 90, num_warp
             signature[name] = "fp32" if name == "dout_scale" else "i32"
     options = {"num_warps": num_warps, "enable_fp_fusion": True}
     return triton.compile(
-        ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=options
+        ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=options
     )

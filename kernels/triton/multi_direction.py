@@ -1,9 +1,14 @@
 """Scans through the Triton kernels: the registry's forward/backward and the fused multi-direction scan.
 
-Both run the same two kernels. A problem is K directions of C channels each (K*C channels in all, G
-groups of B/C per direction); each direction reads and writes the row-major tensors through its own
-token order, computed in the kernel from a direction code, so the K reordered copies of the inputs are
-never built. The single-direction scan of the registry is the case K = 1, order "row".
+Both run the same kernels. A problem is K directions of C channels each (K*C channels in all, G groups
+of B/C per direction); each direction reads and writes the row-major tensors through its own token
+order, computed in the kernel from a direction code, so the K reordered copies of the inputs are never
+built. The single-direction scan of the registry is the case K = 1, order "row".
+
+Activations are read through their strides: (batch, channels, L)-contiguous tensors and token-major
+ones (a (batch, L, channels) tensor viewed as (batch, channels, L) with ``.transpose(1, 2)``) are read
+in place, and outputs and gradients are allocated in the layout of the matching input. Token-major is
+the fast layout: a token's channels are then contiguous, which is how the kernels read them.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from ..directions import MERGES, _canonical
+from ..directions import MERGES
 from ..reference import math_dtype
-from ._common import DIRECTION_CODES, state_chunk
+from ._common import Plan, direction_codes, make_plan
 from .scan_bwd import launch_backward
 from .scan_fwd import launch_forward
 
@@ -26,7 +31,7 @@ __all__ = ["ScanProblem", "triton_multi_direction_scan", "triton_scan_backward",
 
 @dataclass(frozen=True)
 class ScanProblem:
-    """Sizes and layout of one kernel launch (K directions x C channels over L tokens)."""
+    """Sizes and layout of one scan (K directions x C channels over L tokens)."""
 
     batch: int
     directions: int  # K
@@ -38,8 +43,8 @@ class ScanProblem:
     width: int  # grid columns (L for a 1-D sequence)
     dirs: Tensor  # (K,) int32 direction codes, on the inputs' device
     has_dirs: bool  # False when every direction is "row" (the kernel then skips the index mapping)
-    u_strides: tuple[int, int, int]  # (batch, channel, direction) strides of u, 0 for a shared u
-    z_strides: tuple[int, int, int]
+    u_dir_stride: int  # stride between the directions' blocks of u, 0 for a u shared by all
+    z_dir_stride: int
     math_dtype: tl.dtype
 
     @property
@@ -47,11 +52,11 @@ class ScanProblem:
         return self.directions * self.channels
 
 
-def _strides(t: Tensor | None, channels: int) -> tuple[int, int, int]:
-    """(batch, channel, direction) strides of a (batch, C or K*C, L) tensor; direction stride 0 if shared."""
-    if t is None:
-        return (0, 0, 0)
-    return (t.stride(0), t.stride(1), 0 if t.shape[1] == channels else channels * t.stride(1))
+def _dir_stride(t: Tensor | None, channels: int) -> int:
+    """Stride between direction blocks of a (batch, C or K*C, L) tensor: 0 when shared by all."""
+    if t is None or t.shape[1] == channels:
+        return 0
+    return channels * t.stride(1)
 
 
 _CODE_TENSORS: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
@@ -65,63 +70,57 @@ def _code_tensor(codes: tuple[int, ...], device: torch.device) -> Tensor:
     return _CODE_TENSORS[key]
 
 
-def _problem(u, delta, A, B, z, codes: tuple[int, ...], grid_size: tuple[int, int] | None) -> ScanProblem:
+def _problem(u, delta, A, B, z, codes: tuple[int, ...], grid_size) -> tuple[ScanProblem, Plan]:
     batch, total, length = delta.shape
     k = len(codes)
     channels = total // k
-    groups = B.shape[1] // k
+    per_group = channels // (B.shape[1] // k)
     height, width = grid_size if grid_size is not None else (1, length)
-    return ScanProblem(
+    problem = ScanProblem(
         batch=batch,
         directions=k,
         channels=channels,
-        per_group=channels // groups,
+        per_group=per_group,
         dstate=A.shape[1],
         length=length,
         height=height,
         width=width,
         dirs=_code_tensor(tuple(codes), u.device),
         has_dirs=any(codes),
-        u_strides=_strides(u, channels),
-        z_strides=_strides(z, channels),
+        u_dir_stride=_dir_stride(u, channels),
+        z_dir_stride=_dir_stride(z, channels),
         math_dtype=tl.float64 if u.dtype == torch.float64 else tl.float32,
     )
+    return problem, make_plan(batch, total, per_group, length, u.device)
 
 
-def _contiguous(*tensors: Tensor | None) -> list[Tensor | None]:
-    return [t.contiguous() if t is not None else None for t in tensors]
+def _empty_like_layout(like: Tensor, shape: tuple[int, int, int], dtype: torch.dtype) -> Tensor:
+    """An empty (batch, channels, L) tensor, token-major when ``like`` is (channels contiguous)."""
+    if like.stride(1) == 1 and like.shape[1] > 1:
+        batch, channels, length = shape
+        return torch.empty((batch, length, channels), dtype=dtype, device=like.device).transpose(1, 2)
+    return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def _state_buffer(p: ScanProblem, u: Tensor) -> tuple[Tensor, int]:
-    """An empty (batch, K*C, n_chunks, N) buffer for the states entering each chunk, and the chunk length."""
-    chunk = state_chunk(p.length)
-    n_chunks = -(-p.length // chunk)
-    f = math_dtype(u)
-    return torch.empty((p.batch, p.total_channels, n_chunks, p.dstate), dtype=f, device=u.device), chunk
+def _params(A: Tensor, D: Tensor | None, delta_bias: Tensor | None):
+    """The small per-channel parameters, contiguous (the kernels index them by channel)."""
+    return A.contiguous(), *(t.contiguous() if t is not None else None for t in (D, delta_bias))
 
 
-def _forward(problem, u, delta, A, B, C, D, z, delta_bias, delta_softplus, want_last, save_states):
-    """Output per direction (batch, K*C, L) in u's dtype, and on request the last state and chunk states."""
+def _forward(problem, plan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, want_last):
+    """Output per direction (batch, K*C, L) in u's dtype, the last state on request, the entry states."""
     p = problem
-    f = math_dtype(u)
-    out = torch.empty((p.batch, p.total_channels, p.length), dtype=u.dtype, device=u.device)
-    last = torch.empty((p.batch, p.total_channels, p.dstate), dtype=f, device=u.device) if want_last else None
-    states, chunk = _state_buffer(p, u) if save_states else (None, None)
-    launch_forward(p, u, delta, A, B, C, D, z, delta_bias, delta_softplus, out, last, states, chunk)
-    return out, last, states, chunk
-
-
-def _chunk_states(problem, u, delta, A, B, C, delta_bias, delta_softplus):
-    """Recompute only the states entering each chunk (what the backward needs), writing nothing else."""
-    states, chunk = _state_buffer(problem, u)
-    launch_forward(
-        problem, u, delta, A, B, C, None, None, delta_bias, delta_softplus, None, None, states, chunk
-    )
-    return states, chunk
+    out = _empty_like_layout(delta, (p.batch, p.total_channels, p.length), u.dtype)
+    last = None
+    if want_last:
+        last = torch.empty((p.batch, p.dstate, p.total_channels), dtype=math_dtype(u), device=u.device)
+    entry = launch_forward(p, plan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, out, last)
+    return out, last, entry
 
 
 def _backward(
     problem,
+    plan,
     dout,
     dout_strides,
     dout_scale,
@@ -135,30 +134,33 @@ def _backward(
     z,
     delta_bias,
     delta_softplus,
-    states,
-    chunk,
-    reduce_u: bool,
-    reduce_z: bool,
+    entry,
 ):
-    """All gradients, per direction for u and z when ``reduce_*`` (summed over directions afterwards)."""
+    """All gradients; those of a u or z shared by the directions are summed over the directions."""
     p = problem
     f = math_dtype(u)
     shape = (p.batch, p.total_channels, p.length)
+    reduce_u = p.u_dir_stride == 0 and p.directions > 1
+    reduce_z = z is not None and p.z_dir_stride == 0 and p.directions > 1
+    rows = p.batch * plan.n_chunks
     grads = {
-        "du": torch.empty(shape, dtype=f if reduce_u else u.dtype, device=u.device),
-        "ddelta": torch.empty(shape, dtype=delta.dtype, device=u.device),
-        "dB": torch.zeros(B.shape, dtype=f, device=u.device),
-        "dC": torch.zeros(C.shape, dtype=f, device=u.device),
-        "dA": torch.empty((p.batch, p.total_channels, p.dstate), dtype=f, device=u.device),
+        "du": _empty_like_layout(delta if reduce_u else u, shape, f if reduce_u else u.dtype),
+        "ddelta": _empty_like_layout(delta, shape, delta.dtype),
+        "dB": torch.zeros((*B.shape[:2], p.length, p.dstate), dtype=f, device=u.device),
+        "dC": torch.zeros((*C.shape[:2], p.length, p.dstate), dtype=f, device=u.device),
+        "dA": torch.empty((rows, p.dstate, p.total_channels), dtype=f, device=u.device),
     }
     if z is not None:
-        grads["dz"] = torch.empty(shape, dtype=f if reduce_z else z.dtype, device=u.device)
+        grads["dz"] = _empty_like_layout(delta if reduce_z else z, shape, f if reduce_z else z.dtype)
     if D is not None:
-        grads["dD"] = torch.empty((p.batch, p.total_channels), dtype=f, device=u.device)
+        grads["dD"] = torch.empty((rows, p.total_channels), dtype=f, device=u.device)
     if delta_bias is not None:
-        grads["ddelta_bias"] = torch.empty((p.batch, p.total_channels), dtype=f, device=u.device)
+        grads["ddelta_bias"] = torch.empty((rows, p.total_channels), dtype=f, device=u.device)
+    if dlast is not None:
+        dlast = dlast.to(f).transpose(1, 2).contiguous()  # (batch, N, K*C), as the kernels keep states
     launch_backward(
         p,
+        plan,
         dout,
         dout_strides,
         dout_scale,
@@ -172,8 +174,7 @@ def _backward(
         z,
         delta_bias,
         delta_softplus,
-        states,
-        chunk,
+        entry,
         grads,
     )
 
@@ -189,9 +190,9 @@ def _backward(
     return (
         du,
         grads["ddelta"],
-        grads["dA"].sum(0).to(A.dtype),
-        grads["dB"].to(B.dtype),
-        grads["dC"].to(C.dtype),
+        grads["dA"].sum(0).t().to(A.dtype),
+        grads["dB"].transpose(2, 3).to(B.dtype),
+        grads["dC"].transpose(2, 3).to(C.dtype),
         dD,
         dz,
         ddelta_bias,
@@ -200,22 +201,25 @@ def _backward(
 
 def triton_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tuple[Tensor, Tensor]:
     """Registry forward: B, C grouped (batch, G, N, L). Returns (out in u.dtype, last state)."""
-    u, delta, A, B, C, D, z, delta_bias = _contiguous(u, delta, A, B, C, D, z, delta_bias)
-    problem = _problem(u, delta, A, B, z, (0,), None)
-    out, last, _, _ = _forward(problem, u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, False)
-    return out, last
+    A, D, delta_bias = _params(A, D, delta_bias)
+    problem, plan = _problem(u, delta, A, B, z, (0,), None)
+    out, last, _ = _forward(problem, plan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
+    return out, last.transpose(1, 2).contiguous()
 
 
 def triton_scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """Registry backward: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), states recomputed by chunk."""
-    dout, dlast, u, delta, A, B, C, D, z, delta_bias = _contiguous(
-        dout, dlast, u, delta, A, B, C, D, z, delta_bias
-    )
-    problem = _problem(u, delta, A, B, z, (0,), None)
-    states, chunk = _chunk_states(problem, u, delta, A, B, C, delta_bias, delta_softplus)
-    dout_strides = (dout.stride(0), dout.stride(1), 0)
+    """Registry backward: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), chunk states recomputed."""
+    A, D, delta_bias = _params(A, D, delta_bias)
+    problem, plan = _problem(u, delta, A, B, z, (0,), None)
+    entry = None
+    if plan.n_chunks > 1:  # the entry states only: no output, nothing else written
+        entry = launch_forward(
+            problem, plan, u, delta, A, B, C, None, None, delta_bias, delta_softplus, None, None
+        )
+    dout_strides = (dout.stride(0), dout.stride(1), dout.stride(2), 0)
     return _backward(
         problem,
+        plan,
         dout,
         dout_strides,
         1.0,
@@ -229,22 +233,17 @@ def triton_scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta
         z,
         delta_bias,
         delta_softplus,
-        states,
-        chunk,
-        False,
-        False,
+        entry,
     )
 
 
 class _MultiDirectionScan(torch.autograd.Function):
-    """Autograd for the fused multi-direction scan: saves the inputs and the chunk states only."""
+    """Autograd for the fused multi-direction scan: saves the inputs and the chunk-entry states only."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, codes, grid_size, merge, save):
-        problem = _problem(u, delta, A, B, z, codes, grid_size)
-        ys, _, states, chunk = _forward(
-            problem, u, delta, A, B, C, D, z, delta_bias, delta_softplus, False, save
-        )
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, codes, grid_size, merge):
+        problem, plan = _problem(u, delta, A, B, z, codes, grid_size)
+        ys, _, entry = _forward(problem, plan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, False)
         ys = ys.view(problem.batch, problem.directions, problem.channels, problem.length)
         if merge == "sum":
             out = ys.sum(1)
@@ -252,22 +251,22 @@ class _MultiDirectionScan(torch.autograd.Function):
             out = ys.mean(1)
         else:
             out = ys
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
-        ctx.problem, ctx.chunk, ctx.merge, ctx.delta_softplus = problem, chunk, merge, delta_softplus
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, entry)
+        ctx.problem, ctx.plan, ctx.merge, ctx.delta_softplus = problem, plan, merge, delta_softplus
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, entry = ctx.saved_tensors
         p = ctx.problem
-        dout = dout.contiguous()
         if ctx.merge == "none":
-            dout_strides = (dout.stride(0), dout.stride(2), dout.stride(1))
+            dout_strides = (dout.stride(0), dout.stride(2), dout.stride(3), dout.stride(1))
         else:
-            dout_strides = (dout.stride(0), dout.stride(1), 0)
+            dout_strides = (dout.stride(0), dout.stride(1), dout.stride(2), 0)
         scale = 1.0 / p.directions if ctx.merge == "mean" else 1.0
         grads = _backward(
             p,
+            ctx.plan,
             dout,
             dout_strides,
             scale,
@@ -281,12 +280,9 @@ class _MultiDirectionScan(torch.autograd.Function):
             z,
             delta_bias,
             ctx.delta_softplus,
-            states,
-            ctx.chunk,
-            p.u_strides[2] == 0 and p.directions > 1,
-            z is not None and p.z_strides[2] == 0 and p.directions > 1,
+            entry,
         )
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def triton_multi_direction_scan(
@@ -308,8 +304,9 @@ def triton_multi_direction_scan(
 
     All inputs are in storage (row-major) order: u (batch, C, L) shared by the directions or
     (batch, K*C, L); delta (batch, K*C, L); A (K*C, N); B, C (batch, K*G, N, L); D, delta_bias (K*C,);
-    z (batch, C, L) shared or (batch, K*C, L). Direction k reads its tokens in its own order (row,
-    col, row_reversed, col_reversed over the ``grid_size`` grid; "forward"/"backward" are row and
+    z (batch, C, L) shared or (batch, K*C, L). Activations may be token-major views (see the module
+    docstring); nothing is copied. Direction k reads its tokens in its own order (row, col,
+    row_reversed, col_reversed over the ``grid_size`` grid; "forward"/"backward" are row and
     row_reversed) straight from these tensors, and writes its output back in storage order. ``merge``:
     "sum", "mean" (batch, C, L) or "none" (batch, K, C, L). Gradients flow to every tensor input.
     """
@@ -318,7 +315,7 @@ def triton_multi_direction_scan(
         raise ValueError("directions must name at least one direction")
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-    names = [_canonical(d, grid_size) for d in directions]
+    codes = direction_codes(directions, grid_size)
     if delta.dim() != 3 or delta.shape[1] % k:
         raise ValueError(f"delta must be (batch, K*C, L) with K={k}, got shape {tuple(delta.shape)}")
     batch, total, length = delta.shape
@@ -356,9 +353,8 @@ def triton_multi_direction_scan(
             raise ValueError(
                 f"{name} is on {t.device} but delta is on {delta.device}; put all inputs on one device"
             )
-    u, delta, A, B, C, D, z, delta_bias = _contiguous(u, delta, A, B, C, D, z, delta_bias)
-    codes = tuple(DIRECTION_CODES[n] for n in names)
-    inputs = (u, delta, A, B, C, D, z, delta_bias)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    A, D, delta_bias = _params(A, D, delta_bias)
     grid = tuple(grid_size) if grid_size is not None else None
-    return _MultiDirectionScan.apply(*inputs, bool(delta_softplus), codes, grid, merge, save)
+    return _MultiDirectionScan.apply(
+        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), codes, grid, merge
+    )

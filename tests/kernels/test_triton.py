@@ -42,62 +42,35 @@ TOL = {
 }
 
 
-def _vectorise_interpreter_scans() -> None:
-    """Make the interpreter's scans/reductions with a custom combine function step along the axis only.
+def _quicker_interpreter_calls() -> None:
+    """Let the interpreter patch ``triton.language`` once per ``@triton.jit`` helper, not on every call.
 
-    The interpreter calls the combine function once per element; these replacements call it once per
-    position along the axis, on whole slices, folding in the same order, so results are unchanged and
-    the tests run several times faster. Only used by this test module, only under the interpreter.
+    On every call of a helper from a kernel (softplus, token_index, tl.sigmoid, ...) the interpreter
+    patches the modules the helper sees (about a millisecond) and never undoes it, so patching the first
+    time is enough. That makes the kernels about 1.5x faster under the interpreter; results are
+    unchanged. Only used by this test module, only under the interpreter, and only where the
+    interpreter has the internals it relies on.
     """
-    import numpy as np
     from triton.runtime import interpreter as interp
 
-    def fold(self, input, axis, keep_all):
-        moved = [np.moveaxis(arg.handle.data, axis, 0) for arg in input]
-        acc, steps = None, []
-        for t in range(moved[0].shape[0]):
-            cur = tuple(self.to_tensor(m[t], arg.dtype) for m, arg in zip(moved, input))
-            if acc is None:
-                acc = cur
-            else:
-                ret = self.combine_fn.fn(*acc, *cur)
-                acc = ret if isinstance(ret, tuple) else (ret,)
-            if keep_all:
-                steps.append([np.asarray(a.handle.data).reshape(m[t].shape) for a, m in zip(acc, moved)])
-        return acc, steps
+    if not (hasattr(interp, "_patch_lang") and hasattr(interp.InterpretedFunction, "rewrite")):
+        return
+    patched = set()
 
-    def generic_scan(self, input):
-        _, steps = fold(self, input, self.axis, True)
-        return [
-            self.to_tensor(np.moveaxis(np.stack([s[i] for s in steps]), 0, self.axis), arg.dtype)
-            for i, arg in enumerate(input)
-        ]
+    def call(self, *args, **kwargs):
+        if self.fn not in patched:
+            interp._patch_lang(self.fn)
+            patched.add(self.fn)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as e:
+            raise interp.InterpreterError(repr(e)) from e
 
-    def generic_reduce(self, input):
-        original_axis = self.axis
-        input, axis = self.unravel(input, self.axis)
-        shape = input[0].handle.data.shape
-        acc, _ = fold(self, input, axis, False)
-        ret = []
-        for a, arg in zip(acc, input):
-            data = np.asarray(a.handle.data).reshape(shape[:axis] + shape[axis + 1 :])
-            if self.keep_dims:
-                data = (
-                    np.expand_dims(data, axis)
-                    if original_axis is not None
-                    else data.reshape((1,) * len(shape))
-                )
-            elif original_axis is None:
-                data = data.item()
-            ret.append(self.to_tensor(data, arg.dtype))
-        return ret
-
-    interp.ScanOps.generic_scan = generic_scan
-    interp.ReduceOps.generic_reduce = generic_reduce
+    interp.InterpretedFunction.__call__ = call
 
 
 if INTERPRETED:
-    _vectorise_interpreter_scans()
+    _quicker_interpreter_calls()
 
 
 def make_inputs(
@@ -190,11 +163,13 @@ def check_against_reference(inputs, softplus, last=True):
 
 # --- the kernels under the interpreter -------------------------------------------------------------------
 
+# Under the interpreter a chunk is 8 tokens walked 4 at a time (``_common.INTERPRETER_CHUNK`` and
+# ``INTERPRETER_SUB``), so L > 8 runs the chunk-parallel path and L <= 8 the single-chunk one.
 SHAPES = [  # (batch, dim, L, N, groups)
     (1, 4, 1, 4, 1),  # a single token
-    (2, 8, 17, 1, 2),  # odd L across chunk boundaries, N = 1, two groups
-    (1, 8, 40, 16, 1),  # N = 16, several blocks of channels in one group
-    (2, 4, 9, 3, 1),  # N not a power of two
+    (1, 8, 17, 1, 2),  # odd L across three chunks, N = 1, two groups
+    (1, 8, 19, 16, 1),  # N = 16, several blocks of channels in one group
+    (2, 4, 7, 3, 1),  # N not a power of two, one chunk, L not a multiple of the step
     (1, 6, 16, 2, 3),  # two channels per group, L a multiple of the chunk
 ]
 
@@ -206,7 +181,16 @@ def test_forward_backward_float64(shape):
 
 
 @interpreter
-@pytest.mark.parametrize("softplus", [False, True])
+def test_one_chunk_over_many_steps(monkeypatch):
+    """The single-chunk path (what short sequences at large batch take on a GPU) over several steps."""
+    from vmamba.kernels.triton import _common
+
+    monkeypatch.setattr(_common, "INTERPRETER_CHUNK", 64)
+    check_against_reference(make_inputs(1, 4, 13, 4, 1), softplus=True)
+
+
+@interpreter
+@pytest.mark.parametrize("softplus", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_without_optional_inputs(softplus):
     inputs = make_inputs(2, 4, 11, 4, 2, D=False, z=False, bias=False)
     inputs["delta"] = inputs["delta"].abs()  # a positive step without softplus
@@ -231,19 +215,33 @@ def test_gradient_through_last_state_only():
 @interpreter
 @pytest.mark.parametrize(
     "io_dtype,weight_dtype",
-    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)],
+    [
+        pytest.param(torch.float32, torch.float32, marks=pytest.mark.slow),
+        (torch.bfloat16, torch.float32),
+        pytest.param(torch.float16, torch.float16, marks=pytest.mark.slow),
+    ],
     ids=["fp32", "bf16-fp32-weights", "fp16"],
 )
 def test_low_precision_inputs(io_dtype, weight_dtype):
-    check_against_reference(make_inputs(2, 8, 21, 16, 2, dtype=io_dtype, weight_dtype=weight_dtype), True)
+    check_against_reference(make_inputs(1, 8, 11, 16, 2, dtype=io_dtype, weight_dtype=weight_dtype), True)
+
+
+def token_major(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a (batch, L, channels)-contiguous tensor viewed as (batch, channels, L)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @interpreter
-def test_non_contiguous_inputs():
-    inputs = make_inputs(2, 8, 12, 4, 1)
-    inputs["u"] = inputs["u"].transpose(1, 2).contiguous().transpose(1, 2)
-    inputs["B"] = inputs["B"].transpose(2, 3).contiguous().transpose(2, 3)
-    assert not inputs["u"].is_contiguous()
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
+def test_token_major_inputs(dtype):
+    """Token-major activations, as the projections produce them, and B/C as (batch, L, G, N) views."""
+    weights = torch.float32 if dtype != torch.float64 else None
+    inputs = make_inputs(1, 8, 11, 4, 2, dtype=dtype, weight_dtype=weights)
+    for name in ("u", "delta", "z"):
+        inputs[name] = token_major(inputs[name])
+    for name in ("B", "C"):
+        inputs[name] = inputs[name].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    assert inputs["u"].stride(1) == 1 and inputs["B"].stride(2) == 1
     check_against_reference(inputs, softplus=True)
 
 
@@ -272,7 +270,11 @@ DIRECTION_CASES = [
     (1, 4, (3, 5), 4, 1, ("row", "col", "row_reversed", "col_reversed"), "sum", True, None),  # SS2D, no z
     (2, 4, (1, 13), 4, 1, ("forward", "backward"), "mean", False, True),  # Vim: own u, shared z
     (1, 4, (4, 3), 1, 2, ("col_reversed", "row", "col"), "none", False, False),
-    (1, 2, (5, 2), 16, 1, ("col", "row_reversed"), "sum", True, True),
+    pytest.param(
+        (1, 2, (5, 2), 16, 1, ("col", "row_reversed"), "sum", True, True),
+        marks=pytest.mark.slow,
+        id="col-row_reversed-sum",
+    ),
 ]
 
 
@@ -306,8 +308,11 @@ def test_multi_direction_matches_reference(case):
 
 
 @interpreter
-def test_multi_direction_bfloat16():
-    inputs = _direction_inputs(2, 4, 12, 4, 1, 4, True, False, dtype=torch.bfloat16)
+def test_multi_direction_bfloat16_token_major():
+    """VMamba's four directions on bf16 token-major activations; gradients come back token-major."""
+    inputs = _direction_inputs(1, 4, 12, 4, 1, 4, True, False, dtype=torch.bfloat16)
+    for name in ("u", "delta", "z"):
+        inputs[name] = token_major(inputs[name])
     kwargs = dict(directions=("row", "col", "row_reversed", "col_reversed"), grid_size=(3, 4), merge="sum")
     out, grads = run_directions(inputs, triton_multi_direction_scan, **kwargs)
     ref_out, ref_grads = run_directions(
@@ -317,6 +322,7 @@ def test_multi_direction_bfloat16():
         **kwargs,
     )
     assert out.dtype == torch.bfloat16
+    assert grads["delta"].stride(1) == 1 and grads["z"].stride(1) == 1
     assert_close(out, ref_out, torch.bfloat16, "out")
     for name in grads:
         assert_close(grads[name], ref_grads[name], torch.bfloat16, f"d{name}")
@@ -408,26 +414,27 @@ def test_kernels_import_without_triton():
     assert "triton is not importable" in result.stdout
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the driver of the interpreter run")
-def test_kernels_under_interpreter():
-    """Run this file's ``interpreter`` tests in a fresh process with TRITON_INTERPRET=1."""
+def _run_under_interpreter(marks: str) -> None:
+    """Run this file's tests selected by ``marks`` in a fresh process with TRITON_INTERPRET=1."""
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
     env.pop("VMAMBA_SCAN_BACKEND", None)
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        __file__,
-        "-q",
-        "-x",
-        "-p",
-        "no:cacheprovider",
-        "-m",
-        "not gpu",
-    ]
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-m", marks]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the driver of the interpreter run")
+def test_kernels_under_interpreter():
+    """This file's ``interpreter`` tests (not the slow ones), in a subprocess with TRITON_INTERPRET=1."""
+    _run_under_interpreter("not gpu and not slow")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="this is the driver of the interpreter run")
+def test_slow_kernels_under_interpreter():
+    """The slow ``interpreter`` tests, in a subprocess with TRITON_INTERPRET=1."""
+    _run_under_interpreter("slow and not gpu")
 
 
 # --- compiling for a GPU without one ------------------------------------------------------------------------
@@ -447,23 +454,26 @@ def test_kernels_compile_for_sm90():
     """Everything the interpreter accepts must also compile: both kernels, every feature on, bf16 I/O."""
     import triton.language as tl
 
-    from vmamba.kernels.triton.scan_bwd import _scan_bwd_kernel
-    from vmamba.kernels.triton.scan_fwd import _scan_fwd_kernel
+    from vmamba.kernels.triton.scan_bwd import _bwd_kernel, _bwd_local_kernel
+    from vmamba.kernels.triton.scan_fwd import _boundary_kernel, _fwd_kernel
 
     flags = dict(
         BLOCK_N=16,
         MATH=tl.float32,
-        HAS_D=True,
         HAS_Z=True,
         HAS_BIAS=True,
         SOFTPLUS=True,
         HAS_DIRS=True,
-        CHUNK=32,
-        BLOCK_D=2,
+        EVEN_N=True,
+        BLOCK_D=32,
+        SUB=4,
     )
-    stores = dict(STORE_OUT=True, STORE_LAST=True, STORE_STATES=True)
-    assert _compile_for_sm90(_scan_fwd_kernel, dict(flags, **stores), "bf16")
-    assert _compile_for_sm90(_scan_bwd_kernel, dict(flags, HAS_DLAST=True), "bf16")
+    fwd = dict(HAS_D=True, LOAD_ENTRY=True, STORE_OUT=True, STORE_END=True, STORE_DTSUM=True)
+    boundary = dict(BLOCK_D=32, BLOCK_N=16, MATH=tl.float32, REVERSE=True, HAS_INIT=True, STORE_FINAL=True)
+    assert _compile_for_sm90(_fwd_kernel, dict(flags, **fwd), "bf16")
+    assert _compile_for_sm90(_boundary_kernel, boundary, "bf16")
+    assert _compile_for_sm90(_bwd_local_kernel, dict(flags, LOAD_ENTRY=True, LOCAL_CARRY=True), "bf16")
+    assert _compile_for_sm90(_bwd_kernel, dict(flags, HAS_D=True, HAS_DLAST=True, LOAD_CARRY=True), "bf16")
 
 
 # --- on a GPU --------------------------------------------------------------------------------------------
@@ -475,6 +485,17 @@ def test_kernels_compile_for_sm90():
 @pytest.mark.parametrize("shape", [(2, 64, 1030, 16, 1), (2, 96, 257, 1, 1), (1, 128, 197, 16, 2)])
 def test_gpu_matches_reference(shape, dtype):
     check_against_reference(make_inputs(*shape, dtype=dtype, weight_dtype=torch.float32, device="cuda"), True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("shape", [(64, 192, 197, 16, 1), (1, 384, 1030, 16, 1)], ids=["one-chunk", "chunks"])
+def test_gpu_token_major_bfloat16(shape):
+    """Vim-like bf16 token-major activations, on the single-chunk and the chunk-parallel paths."""
+    inputs = make_inputs(*shape, dtype=torch.bfloat16, weight_dtype=torch.float32, device="cuda")
+    for name in ("u", "delta", "z"):
+        inputs[name] = token_major(inputs[name])
+    check_against_reference(inputs, True)
 
 
 @pytest.mark.gpu
