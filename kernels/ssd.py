@@ -144,12 +144,22 @@ def _triton_status(device: torch.device) -> str | None:
     return None
 
 
-def resolve_ssd_backend(backend: str, device: torch.device) -> str:
-    """'reference', 'torch' or 'triton': what runs for ``backend`` on ``device`` (fails if unavailable)."""
+def resolve_ssd_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """'reference', 'torch' or 'triton': what runs for ``backend`` on tensors of ``device`` and ``dtype``.
+
+    'auto' takes 'triton' for CUDA tensors when triton imports (float64 excepted), else 'torch'; an
+    explicitly requested backend that cannot run raises ``ValueError`` saying why.
+    """
     backend = requested_ssd_backend(backend)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_status(device) is None else "torch"
+        usable = device.type == "cuda" and dtype != torch.float64 and _triton_status(device) is None
+        return "triton" if usable else "torch"
     if backend == "triton":
+        if dtype == torch.float64:
+            raise ValueError(
+                "SSD backend 'triton' computes in float32 and does not take float64 inputs; "
+                "use backend='torch' or 'reference' for float64"
+            )
         reason = _triton_status(device)
         if reason is not None:
             raise ValueError(
@@ -186,7 +196,7 @@ def _forward_impl(
     backend,
 ):
     args = (x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, (dt_min, dt_max), chunk_size)
-    if resolve_ssd_backend(backend, x.device) == "triton":
+    if resolve_ssd_backend(backend, x.device, x.dtype) == "triton":
         from .triton.ssd_fwd import triton_ssd_forward
 
         return triton_ssd_forward(*args, list(directions), _grid(grid_size))
@@ -376,7 +386,9 @@ def _run(
             grid_size,
         )
     if not torch.compiler.is_compiling():
-        resolve_ssd_backend(requested, x.device)  # an unavailable backend fails here, with a clear message
+        resolve_ssd_backend(
+            requested, x.device, x.dtype
+        )  # an unavailable backend fails here, with a clear message
     grid = list(grid_size) if grid_size is not None else []
     return _ssd_op(
         x,
