@@ -285,9 +285,13 @@ def _ssd_backward_impl(
     dout, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size,
     directions, grid_size, backend,
 ):  # fmt: skip
-    # Every backend's backward is autograd through the chunked torch forward (recomputed here).
     inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, (dt_min, dt_max), chunk_size)
-    grads = torch_ssd_backward(dout, dfinal, *inputs, _names(directions), _grid(grid_size))
+    if resolve_ssd_backend(backend, x.device, x.dtype) == "triton":
+        from .triton.ssd_bwd import triton_ssd_backward
+
+        grads = triton_ssd_backward(dout, dfinal, *inputs, list(directions), _grid(grid_size))
+    else:  # autograd through the chunked torch forward, recomputed here
+        grads = torch_ssd_backward(dout, dfinal, *inputs, _names(directions), _grid(grid_size))
     # A custom op cannot return None: absent inputs get an empty placeholder, dropped again below.
     return [g.contiguous() if g is not None else x.new_empty(0) for g in grads]
 
