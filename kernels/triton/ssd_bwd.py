@@ -147,21 +147,27 @@ def _ssd_bwd_kernel(
         decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
         cb = _dot(Cs, tl.trans(Bs), PRECISION, UPCAST)
         G = cb * decay
-        DX = _dot(dys, tl.trans(xf), PRECISION, False)  # (Q, Q): dy_i . x_j over this headdim block
+        DX = tl.dot(
+            dys, tl.trans(xf), input_precision=PRECISION
+        )  # (Q, Q): dy_i . x_j over this headdim block
         T = G * DX * dt[None, :]
         state_w = tl.exp(cs_last - cs) * dt  # (Q,)
-        dSB = _dot(Bf, tl.trans(dstate_), PRECISION, False)  # (Q, P): (dS B_j)[p]
+        dSB = tl.dot(Bf, tl.trans(dstate_), input_precision=PRECISION)  # (Q, P): (dS B_j)[p]
         x_dSB = tl.sum(xf * dSB, axis=1)  # (Q,): x_j^T dS B_j
-        y_off = _dot(Cf, tl.trans(s_in), PRECISION, False) * tl.exp(cs)[:, None]  # (Q, P)
+        y_off = tl.dot(Cf, tl.trans(s_in), input_precision=PRECISION) * tl.exp(cs)[:, None]  # (Q, P)
 
         # dx
-        dx = dt[:, None] * _dot(tl.trans(G), dys, PRECISION, False) + state_w[:, None] * dSB
+        dx = dt[:, None] * tl.dot(tl.trans(G), dys, input_precision=PRECISION) + state_w[:, None] * dSB
         dx_offs = (((k * batch + b) * L + s[:, None]) * nheads + head) * headdim + offs_p[None, :]
         tl.store(dx_ptr + dx_offs, dx, mask=tile)
         # dB, dC (partial over headdim)
         W = DX * decay * dt[None, :]
-        dC = _dot(W, Bf, PRECISION, False) + tl.exp(cs)[:, None] * _dot(dys, s_in, PRECISION, False)
-        dB = _dot(tl.trans(W), Cf, PRECISION, False) + state_w[:, None] * _dot(xf, dstate_, PRECISION, False)
+        dC = tl.dot(W, Bf, input_precision=PRECISION) + tl.exp(cs)[:, None] * tl.dot(
+            dys, s_in, input_precision=PRECISION
+        )
+        dB = tl.dot(tl.trans(W), Cf, input_precision=PRECISION) + state_w[:, None] * tl.dot(
+            xf, dstate_, input_precision=PRECISION
+        )
         bn_offs = (((part * batch + b) * L + s[:, None]) * nheads + head) * dstate + offs_n[None, :]
         tl.store(dB_ptr + bn_offs, dB, mask=bc_mask)
         tl.store(dC_ptr + bn_offs, dC, mask=bc_mask)
@@ -177,7 +183,9 @@ def _ssd_bwd_kernel(
         ddt_offs = ((part * batch + b) * L + s) * nheads + head
         tl.store(ddt_ptr + ddt_offs, ddt * grad_scale, mask=valid)
         # the state gradient entering this chunk
-        dstate_ = dstate_ * tl.exp(cs_last) + _dot(tl.trans(dys), Cf * tl.exp(cs)[:, None], PRECISION, False)
+        dstate_ = dstate_ * tl.exp(cs_last) + tl.dot(
+            tl.trans(dys), Cf * tl.exp(cs)[:, None], input_precision=PRECISION
+        )
 
     tl.store(dA_ptr + (part * batch + b) * nheads + head, tl.sum(dA_acc, axis=0))
     if HAS_INIT:
