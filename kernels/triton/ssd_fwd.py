@@ -45,7 +45,7 @@ def _ssd_fwd_kernel(
     sb_b, sb_l, sb_g, sb_n,
     sc_b, sc_l, sc_g, sc_n,
     sz_b, sz_l, sz_h, sz_p,
-    so_k, so_b, so_l, so_h, so_p,
+    so_b, so_l, so_h, so_p,
     sd_h, sd_p,
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -126,8 +126,11 @@ def _ssd_fwd_kernel(
                 other=0.0,
             ).to(tl.float32)
             y *= zs * tl.sigmoid(zs)
-        out_offs = k * so_k + b * so_b + s[:, None] * so_l + head * so_h + offs_p[None, :] * so_p
-        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=tile)
+        out_offs = b * so_b + s[:, None] * so_l + head * so_h + offs_p[None, :] * so_p
+        if HAS_DIRS:  # the directions of a set add into one float32 output
+            tl.atomic_add(out_ptr + out_offs, y, mask=tile)
+        else:
+            tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=tile)
 
     if HAS_FINAL:
         tl.store(final_ptr + state_offs, state, mask=state_mask)
@@ -153,8 +156,9 @@ def triton_ssd_forward(
 
     Same contract as ``vmamba.kernels.ssd_torch.torch_ssd_forward``, with directions given as codes
     (indices into ``vmamba.kernels.DIRECTIONS``). Inputs in float16, bfloat16 or float32; the math is
-    float32. With several directions the kernel writes each direction's SSD to a float32 buffer, and the
-    sum, ``D x`` and the gate are applied afterwards.
+    float32. With several directions the kernel adds each direction's SSD into one float32 buffer
+    (``tl.atomic_add``; with more than two directions the order of the additions, hence the last bit, can
+    vary between runs), and ``D x`` and the gate are applied afterwards.
     """
     batch, length, nheads, headdim = x.shape
     groups, dstate = B.shape[2], B.shape[3]
@@ -163,12 +167,7 @@ def triton_ssd_forward(
     height, width = grid_size if grid_size is not None else (1, length)
     k = len(directions)
     dirs = torch.tensor(directions, dtype=torch.int32, device=x.device)
-    if single:
-        out = torch.empty_like(x)
-        strides_out = (0, *out.stride())
-    else:
-        out = x.new_empty((k, batch, length, nheads, headdim), dtype=torch.float32)
-        strides_out = out.stride()
+    out = torch.empty_like(x) if single else torch.zeros_like(x, dtype=torch.float32)
     final = x.new_empty((batch, nheads, headdim, dstate), dtype=torch.float32) if single else None
     init = initial_states.contiguous() if initial_states is not None else None
     if D is not None:
@@ -184,7 +183,7 @@ def triton_ssd_forward(
         x, dt, A, B, C, D if single else None, z if single else None, dt_bias, init, out, final, dirs,
         batch, length, height, width, nheads // groups, headdim, dstate,
         float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
-        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *z_strides, *strides_out, *D_strides,
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *z_strides, *out.stride(), *D_strides,
         CHUNK=chunk_size, BLOCK_P=block_p, BLOCK_N=block_n,
         HAS_D=D is not None and single, HAS_Z=z is not None and single, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit, HAS_INIT=init is not None, HAS_FINAL=single,
@@ -194,7 +193,7 @@ def triton_ssd_forward(
     )  # fmt: skip
     if single:
         return out, final
-    y = out.sum(0)
+    y = out
     if D is not None:
         y = y + x.float() * (D.float()[:, None] if D.dim() == 1 else D.float())
     if z is not None:
