@@ -223,6 +223,47 @@ def test_ssd_kernels_under_interpreter_full():
     _run_interpreted("slow and not gpu")
 
 
+# --- compiling for a GPU without one ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter run checks the numbers; this checks compilation")
+@pytest.mark.parametrize("io", ["bf16", "fp32"])
+def test_kernels_compile_for_sm90(io):
+    """Both kernels compile to an sm_90 cubin with every option on (Triton's ptxas; no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vmamba.kernels.triton.ssd_bwd import _ssd_bwd_kernel
+    from vmamba.kernels.triton.ssd_fwd import _ssd_fwd_kernel
+
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("no NVIDIA backend in this triton")
+    common = dict(CHUNK=64, BLOCK_N=64, HAS_BIAS=True, SOFTPLUS=True, HAS_LIMIT=True, HAS_INIT=True)
+    common |= dict(HAS_DIRS=True, PRECISION="ieee" if io == "fp32" else None, UPCAST=False)
+    forward = dict(common, BLOCK_P=64, HAS_D=True, HAS_Z=True, HAS_FINAL=True)
+    backward = dict(common, BLOCK_P=32, HAS_DFINAL=True)
+    for kernel, constexprs in ((_ssd_fwd_kernel, forward), (_ssd_bwd_kernel, backward)):
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name == "dirs_ptr":
+                signature[name] = "*i32"
+            elif name.endswith("_ptr"):
+                signature[name] = (
+                    f"*{io}" if name in ("x_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr") else "*fp32"
+                )
+            else:
+                signature[name] = "fp32" if name in ("dt_min", "dt_max") else "i32"
+        target = GPUTarget("cuda", 90, 32)
+        compiled = triton.compile(
+            ASTSource(kernel, signature, constexprs), target=target, options={"num_warps": 8}
+        )
+        assert compiled.asm["cubin"], kernel.__name__
+
+
 # --- GPU --------------------------------------------------------------------------------------------------------
 
 
