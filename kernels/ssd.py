@@ -177,32 +177,6 @@ def _grid(grid_size: Sequence[int]):
     return tuple(grid_size) if len(grid_size) else None
 
 
-def _forward_impl(
-    x,
-    dt,
-    A,
-    B,
-    C,
-    D,
-    z,
-    dt_bias,
-    initial_states,
-    dt_softplus,
-    dt_min,
-    dt_max,
-    chunk_size,
-    directions,
-    grid_size,
-    backend,
-):
-    args = (x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, (dt_min, dt_max), chunk_size)
-    if resolve_ssd_backend(backend, x.device, x.dtype) == "triton":
-        from .triton.ssd_fwd import triton_ssd_forward
-
-        return triton_ssd_forward(*args, list(directions), _grid(grid_size))
-    return torch_ssd_forward(*args, _names(directions), _grid(grid_size))
-
-
 # --- the custom op -------------------------------------------------------------------------------------------
 
 _ARGS = (
@@ -213,41 +187,16 @@ _ARGS = (
 
 
 def _ssd_op_impl(
-    x,
-    dt,
-    A,
-    B,
-    C,
-    D,
-    z,
-    dt_bias,
-    initial_states,
-    dt_softplus,
-    dt_min,
-    dt_max,
-    chunk_size,
-    directions,
-    grid_size,
-    backend,
-):
-    out, final = _forward_impl(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        D,
-        z,
-        dt_bias,
-        initial_states,
-        dt_softplus,
-        dt_min,
-        dt_max,
-        chunk_size,
-        directions,
-        grid_size,
-        backend,
-    )
+    x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size, directions,
+    grid_size, backend,
+):  # fmt: skip
+    args = (x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, (dt_min, dt_max), chunk_size)
+    if resolve_ssd_backend(backend, x.device, x.dtype) == "triton":
+        from .triton.ssd_fwd import triton_ssd_forward
+
+        out, final = triton_ssd_forward(*args, list(directions), _grid(grid_size))
+    else:
+        out, final = torch_ssd_forward(*args, _names(directions), _grid(grid_size))
     return out.contiguous(), final.contiguous()
 
 
@@ -257,24 +206,8 @@ _ssd_op = torch.library.custom_op(
 
 
 @_ssd_op.register_fake
-def _(
-    x,
-    dt,
-    A,
-    B,
-    C,
-    D,
-    z,
-    dt_bias,
-    initial_states,
-    dt_softplus,
-    dt_min,
-    dt_max,
-    chunk_size,
-    directions,
-    grid_size,
-    backend,
-):
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, *options):
+    directions = options[4]  # after dt_softplus, dt_min, dt_max, chunk_size
     f = torch.float64 if x.dtype == torch.float64 else torch.float32
     single = list(directions) == [0]
     final_shape = (x.shape[0], x.shape[2], x.shape[3], B.shape[3]) if single else (0,)
@@ -331,87 +264,30 @@ _ssd_op.register_autograd(_backward, setup_context=_setup_context)
 # --- public API ----------------------------------------------------------------------------------------------
 
 
-def _run(
-    x,
-    dt,
-    A,
-    B,
-    C,
-    D,
-    z,
-    dt_bias,
-    initial_states,
-    dt_softplus,
-    dt_limit,
-    chunk_size,
-    codes,
-    grid_size,
-    backend,
-    name,
-):
-    """Dispatch one call: the reference outside the op, the torch path under ONNX export, else the op."""
+def _run(tensors: tuple, dt_softplus, dt_limit, chunk_size, codes, grid_size, backend, name):
+    """Dispatch one call: the reference outside the op, the torch path under ONNX export, else the op.
+
+    ``tensors`` is (x, dt, A, B, C, D, z, dt_bias, initial_states). Returns (out, final state or None).
+    """
     limit = _check_limit(dt_limit, name)
+    softplus = bool(dt_softplus)
     requested = requested_ssd_backend(backend)
+    x = tensors[0]
     if requested == "reference":
         if codes == [0]:
-            return ssd_scan_reference(
-                x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), limit, initial_states, True
-            )
+            return ssd_scan_reference(*tensors[:8], softplus, limit, tensors[8], True)
+        directions = _names(codes)
         out = ssd_multi_direction_reference(
-            x,
-            dt,
-            A,
-            B,
-            C,
-            D,
-            z,
-            dt_bias,
-            bool(dt_softplus),
-            limit,
-            directions=_names(codes),
-            grid_size=grid_size,
+            *tensors[:8], softplus, limit, directions=directions, grid_size=grid_size
         )
         return out, None
     if torch.onnx.is_in_onnx_export():
-        return torch_ssd_forward(
-            x,
-            dt,
-            A,
-            B,
-            C,
-            D,
-            z,
-            dt_bias,
-            initial_states,
-            bool(dt_softplus),
-            limit,
-            chunk_size,
-            _names(codes),
-            grid_size,
-        )
+        return torch_ssd_forward(*tensors, softplus, limit, chunk_size, _names(codes), grid_size)
     if not torch.compiler.is_compiling():
-        resolve_ssd_backend(
-            requested, x.device, x.dtype
-        )  # an unavailable backend fails here, with a clear message
+        # An unavailable backend fails here, with a clear message.
+        resolve_ssd_backend(requested, x.device, x.dtype)
     grid = list(grid_size) if grid_size is not None else []
-    return _ssd_op(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        D,
-        z,
-        dt_bias,
-        initial_states,
-        bool(dt_softplus),
-        limit[0],
-        limit[1],
-        chunk_size,
-        codes,
-        grid,
-        requested,
-    )
+    return _ssd_op(*tensors, softplus, limit[0], limit[1], chunk_size, codes, grid, requested)
 
 
 def ssd_scan(
@@ -455,24 +331,8 @@ def ssd_scan(
     math dtype. Every tensor input gets a gradient.
     """
     check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size)
-    out, final = _run(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        D,
-        z,
-        dt_bias,
-        initial_states,
-        dt_softplus,
-        dt_limit,
-        chunk_size,
-        [0],
-        None,
-        backend,
-        "ssd_scan",
-    )
+    tensors = (x, dt, A, B, C, D, z, dt_bias, initial_states)
+    out, final = _run(tensors, dt_softplus, dt_limit, chunk_size, [0], None, backend, "ssd_scan")
     return (out, final) if return_final_states else out
 
 
@@ -506,9 +366,8 @@ def multi_direction_ssd_scan(
     check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, None, chunk_size, name=name)
     codes = _direction_codes(directions, x.shape[1], grid_size, name)
     grid = tuple(grid_size) if grid_size is not None else None
-    out, _ = _run(
-        x, dt, A, B, C, D, z, dt_bias, None, dt_softplus, dt_limit, chunk_size, codes, grid, backend, name
-    )
+    tensors = (x, dt, A, B, C, D, z, dt_bias, None)
+    out, _ = _run(tensors, dt_softplus, dt_limit, chunk_size, codes, grid, backend, name)
     return out
 
 
