@@ -18,6 +18,8 @@ from .directions import (
 from .non_causal_ssd import non_causal_ssd, non_causal_ssd_reference
 from .reference import selective_scan_reference
 from .selective_scan import check_scan_inputs, selective_scan
+from .ssd import bidirectional_ssd_scan, multi_direction_ssd_scan, ssd_scan
+from .ssd_reference import ssd_scan_reference
 
 __all__ = [
     "BACKEND_ENV_VAR",
@@ -27,13 +29,17 @@ __all__ = [
     "VMAMBA_DIRECTIONS",
     "ScanBackend",
     "available_backends",
+    "bidirectional_ssd_scan",
     "check_scan_inputs",
     "from_directions",
     "multi_direction_selective_scan",
+    "multi_direction_ssd_scan",
     "non_causal_ssd",
     "non_causal_ssd_reference",
     "register_backend",
     "selective_scan",
     "selective_scan_reference",
+    "ssd_scan",
+    "ssd_scan_reference",
     "to_directions",
 ]
