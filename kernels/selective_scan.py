@@ -82,7 +82,19 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> Non
             fail(f"{name} is on {t.device} but u is on {u.device}; put all inputs on one device")
 
 
-@torch.library.custom_op("vmamba::selective_scan", mutates_args=())
+# The schemas are spelled out: torch < 2.8 cannot infer one from this module's string annotations
+# (``from __future__ import annotations``), and ``tests/kernels/test_selective_scan.py`` checks them.
+SCAN_SCHEMA = (
+    "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+    "bool delta_softplus, str backend) -> (Tensor, Tensor)"
+)
+SCAN_BACKWARD_SCHEMA = (
+    "(Tensor dout, Tensor? dlast, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+    "Tensor? z, Tensor? delta_bias, bool delta_softplus, str backend) -> Tensor[]"
+)
+
+
+@torch.library.custom_op("vmamba::selective_scan", mutates_args=(), schema=SCAN_SCHEMA)
 def _scan_op(
     u: Tensor,
     delta: Tensor,
@@ -105,7 +117,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
     return u.new_empty(u.shape), u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=math_dtype(u))
 
 
-@torch.library.custom_op("vmamba::selective_scan_backward", mutates_args=())
+@torch.library.custom_op("vmamba::selective_scan_backward", mutates_args=(), schema=SCAN_BACKWARD_SCHEMA)
 def _scan_backward_op(
     dout: Tensor,
     dlast: Tensor | None,
