@@ -101,8 +101,9 @@ def unavailable_reason(device: torch.device) -> str:
         error = probe().error
         if error is not None:
             return (
-                f"Triton does not work here ({type(error).__name__}: {error}); the Triton kernels need "
-                "triton >= 3.0 (pip install triton, Linux) and, outside TRITON_INTERPRET=1, a CUDA driver"
+                f"triton is not importable or does not work here ({type(error).__name__}: {error}); the "
+                f"kernels need triton >= {'.'.join(map(str, MIN_TRITON))} (pip install triton, Linux) and, "
+                "outside TRITON_INTERPRET=1, a CUDA driver"
             )
     if device.type == "cpu":
         if _interpret_requested():
