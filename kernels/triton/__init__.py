@@ -2,7 +2,7 @@
 
 Registers the ``"triton"`` backend on import without importing triton: Triton is probed lazily, the first
 time a CUDA tensor (or, under ``TRITON_INTERPRET=1``, a CPU tensor) asks for it, so ``import vmamba`` and
-the CPU path never need a working Triton. Any failure of the probe (triton not installed, older than 3.0,
+the CPU path never need a working Triton. Any failure of the probe (triton not installed, older than 3.1,
 no active driver, an error while importing our kernels) makes the backend unavailable; the reason is kept
 for the error message of an explicit ``backend="triton"``. The kernels run on CUDA tensors, and on CPU
 tensors under Triton's interpreter when ``TRITON_INTERPRET=1`` is in the environment before Python starts
@@ -25,7 +25,7 @@ from ..backends import ScanBackend, register_backend
 
 __all__ = ["INTERPRETED", "is_available", "probe", "triton_multi_direction_scan", "unavailable_reason"]
 
-MIN_TRITON = (3, 0)
+MIN_TRITON = (3, 1)
 _LAZY_NAMES = ("INTERPRETED", "triton_scan_forward", "triton_scan_backward", "triton_multi_direction_scan")
 _PROBE: SimpleNamespace | None = None
 
