@@ -82,7 +82,19 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> Non
             fail(f"{name} is on {t.device} but u is on {u.device}; put all inputs on one device")
 
 
-@torch.library.custom_op("vmamba::selective_scan", mutates_args=())
+# The schemas are spelled out: torch < 2.8 cannot infer one from this module's string annotations
+# (``from __future__ import annotations``), and ``tests/kernels/test_selective_scan.py`` checks them.
+SCAN_SCHEMA = (
+    "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+    "bool delta_softplus, str backend) -> (Tensor, Tensor)"
+)
+SCAN_BACKWARD_SCHEMA = (
+    "(Tensor dout, Tensor? dlast, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+    "Tensor? z, Tensor? delta_bias, bool delta_softplus, str backend) -> Tensor[]"
+)
+
+
+@torch.library.custom_op("vmamba::selective_scan", mutates_args=(), schema=SCAN_SCHEMA)
 def _scan_op(
     u: Tensor,
     delta: Tensor,
@@ -105,7 +117,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
     return u.new_empty(u.shape), u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=math_dtype(u))
 
 
-@torch.library.custom_op("vmamba::selective_scan_backward", mutates_args=())
+@torch.library.custom_op("vmamba::selective_scan_backward", mutates_args=(), schema=SCAN_BACKWARD_SCHEMA)
 def _scan_backward_op(
     dout: Tensor,
     dlast: Tensor | None,
@@ -151,6 +163,17 @@ def _backward(ctx, dout, dlast):
 
 
 _scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch._decomp.register_decomposition(torch.ops.vmamba.selective_scan.default)
+def _scan_as_aten_ops(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
+    """The op as ordinary aten ops (the pure-PyTorch path), for exporters that decompose it.
+
+    ``selective_scan`` avoids the op during ONNX export, but before torch 2.8 the ``dynamo=True``
+    exporter does not set ``torch.onnx.is_in_onnx_export()``; it decomposes every op without an ONNX
+    function that has an entry in torch's decomposition table, so this entry makes the export work there.
+    """
+    return torch_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def selective_scan(

@@ -106,11 +106,12 @@ def _scan_readout(dt: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tu
     def step(h: Tensor, t: int) -> Tensor:
         return torch.exp(dt[..., t, None] * Ae) * h + du[..., t, None] * Bc[..., t, :]
 
-    h = dt.new_zeros(dt.shape[:-1] + (dstate,))
+    # zeros_like, not new_zeros(shape): torch 2.5's ONNX exporter cannot build zeros of a symbolic shape.
+    h = torch.zeros_like(dt[..., :1]).expand(dt.shape[:-1] + (dstate,))
     for t in range(chunk):
         h = step(h, t)
     chunk_decay = torch.exp(dt.sum(-1)[..., None] * Ae)
-    starts, carry = [], h.new_zeros(h.shape[:-2] + (dstate,))
+    starts, carry = [], torch.zeros_like(h[..., 0, :])
     for c in range(n_chunks):
         starts.append(carry)
         carry = chunk_decay[..., c, :] * carry + h[..., c, :]

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -229,3 +237,94 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
     feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
     out = session.run(None, feeds)[0]
     torch.testing.assert_close(torch.from_numpy(out), module(*args).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_custom_ops_have_explicit_schemas():
+    """Every ``torch.library.custom_op`` in the package passes ``schema=``: torch < 2.8 cannot infer a
+    schema from string annotations (``from __future__ import annotations``), which would break
+    ``import vmamba`` there although the current torch accepts it."""
+    root = Path(__file__).resolve().parents[2]
+    missing = []
+    for path in sorted([*(root / "kernels").rglob("*.py"), *(root / "vmamba").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            is_custom_op = isinstance(node, ast.Call) and (
+                getattr(node.func, "attr", None) == "custom_op"
+                or getattr(node.func, "id", None) == "custom_op"
+            )
+            if is_custom_op and not any(k.arg == "schema" for k in node.keywords):
+                missing.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not missing, f"torch.library.custom_op without schema=...: {missing}"
+
+
+@pytest.mark.parametrize(
+    "name, function, schema",
+    [
+        ("selective_scan", "_scan_op", "SCAN_SCHEMA"),
+        ("selective_scan_backward", "_scan_backward_op", "SCAN_BACKWARD_SCHEMA"),
+    ],
+)
+def test_custom_op_schema_is_registered_and_fits_the_function(name, function, schema):
+    module = importlib.import_module("vmamba.kernels.selective_scan")  # the package exports the function
+
+    registered = getattr(torch.ops.vmamba, name).default._schema
+    assert str(registered) == f"vmamba::{name}{getattr(module, schema)}"
+    python_names = list(inspect.signature(getattr(module, function)._init_fn).parameters)
+    assert [a.name for a in registered.arguments] == python_names
+
+
+# A fresh interpreter in which triton is broken in one of the ways seen on users' machines: the CPU path
+# works without probing Triton, and once Triton is probed (here through TRITON_INTERPRET=1) an explicit
+# backend="triton" says what is wrong.
+_BROKEN_TRITON = """
+import importlib.abc, os, sys
+how = sys.argv[1]
+if how == "missing":
+    sys.modules["triton"] = None  # import triton -> ImportError
+else:  # importing our kernels fails as on a machine without a GPU driver (triton 3.3)
+    class NoDriver(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.startswith("vmamba.kernels.triton."):
+                raise RuntimeError("0 active drivers ([]). There should only be one.")
+    sys.meta_path.insert(0, NoDriver())
+
+import torch
+import vmamba
+import vmamba.kernels.triton as kt
+from vmamba.kernels import available_backends, selective_scan
+
+if how == "old":
+    kt.MIN_TRITON = (99, 0)  # the installed triton is older than the kernels need
+
+u, A, B = torch.randn(1, 4, 5), -torch.rand(4, 3), torch.randn(1, 3, 5)
+assert torch.isfinite(selective_scan(u, u, A, B, B)).all()
+assert "triton" not in available_backends("cpu")
+assert kt._PROBE is None, "CPU tensors probed Triton"
+
+os.environ["TRITON_INTERPRET"] = "1"
+assert "triton" not in available_backends("cpu")
+assert torch.isfinite(selective_scan(u, u, A, B, B)).all()
+try:
+    selective_scan(u, u, A, B, B, backend="triton")
+except ValueError as error:
+    print(error)
+else:
+    raise AssertionError("backend='triton' ran although triton is broken")
+assert kt.INTERPRETED is False and kt.triton_multi_direction_scan is None
+"""
+
+
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("missing", "ModuleNotFoundError"),
+        ("old", "these kernels need triton >= 99.0"),
+        ("no-driver", "0 active drivers"),
+    ],
+)
+def test_a_broken_triton_only_disables_the_triton_backend(how, reason):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", BACKEND_ENV_VAR)}
+    result = subprocess.run(
+        [sys.executable, "-c", _BROKEN_TRITON, how], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'triton'" in result.stdout and reason in result.stdout, result.stdout

@@ -49,9 +49,10 @@ def _stand_in(qualified_name: str) -> type:
 
 def _torch_load(path: str) -> Any:
     """``torch.load(weights_only=True)``, with inert stand-ins for pickled non-tensor objects."""
-    stand_ins: dict[str, tuple[type, str]] = {}
+    stand_ins: dict[str, type] = {}
     for _ in range(_MAX_STAND_INS):
         try:
+            # Plain classes (named like the pickled ones): torch 2.5 takes no (class, name) pairs here.
             with torch.serialization.safe_globals(list(stand_ins.values())):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
@@ -59,7 +60,7 @@ def _torch_load(path: str) -> Any:
             if match is None or match.group(1) in stand_ins:
                 raise RuntimeError(f"cannot load {path} safely with weights_only=True: {err}") from err
             name = match.group(1)
-            stand_ins[name] = (_stand_in(name), name)
+            stand_ins[name] = _stand_in(name)
     raise RuntimeError(f"cannot load {path}: more than {_MAX_STAND_INS} pickled non-tensor objects")
 
 
