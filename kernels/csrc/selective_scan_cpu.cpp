@@ -337,7 +337,7 @@ inline void store_tile(const V* __restrict__ buf, int lanes, int64_t nt, T* p, i
 // between chunks (in registers during one for N = 1 and 16); every step does, per state, one vector exp and
 // three multiply(-add)s, with no horizontal sum. u, delta and z are read a chunk at a time into (step,
 // lane) tiles; dt, softplus, the D skip and the silu(z) gate run on whole vectors.
-// ws: (2 N + 2) vectors per block (A, h, D, delta_bias) and 4 kChunk vectors of tiles.
+// ws: (2 N + 2) vectors per block (A, h, D, delta_bias) and 4 kChunk vectors of tiles (delta, z, u, y).
 template <typename T, int NS>
 void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t blk1,
                   typename Vec<T>::V* __restrict__ ws) {
@@ -347,8 +347,8 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
   const int64_t L = s.len, per_group = s.dim / s.groups, per_block = 2 * N + 2;
   const int64_t nblk = blk1 - blk0;
   V* __restrict__ dt = ws + nblk * per_block;
-  V* __restrict__ dtu = dt + kChunk;
-  V* __restrict__ uu = dtu + kChunk;
+  V* __restrict__ zz = dt + kChunk;
+  V* __restrict__ uu = zz + kChunk;
   V* __restrict__ y = uu + kChunk;
   const auto first_channel = [&](int64_t k) { return g * per_group + (blk0 + k) * W; };
   const auto lanes_of = [&](int64_t k) {
@@ -392,35 +392,28 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
             prefetch_tile(s.z + b * s.sz[0] + d1 * s.sz[1] + t1 * s.sz[2], s.sz[1], s.sz[2], lanes_of(k1), nt1);
         }
       }
-      if (s.softplus) {
-        for (int64_t t = 0; t < nt; ++t) dt[t] = softplus(dt[t] + bias);
-      } else {
-        for (int64_t t = 0; t < nt; ++t) dt[t] = dt[t] + bias;
-      }
-      for (int64_t t = 0; t < nt; ++t) dtu[t] = dt[t] * uu[t];
+      if (s.z) load_tile(s.z + b * s.sz[0] + d0 * s.sz[1] + t0 * s.sz[2], s.sz[1], s.sz[2], lanes, nt, zz);
       V hloc[NS > 0 ? NS : 1];
       V* __restrict__ h = NS > 0 ? hloc : hs;
       if (NS > 0)
         for (int64_t n = 0; n < N; ++n) h[n] = hs[n];
+      // One pass per step: step size, the N state updates and readouts, the D skip and the gate.
       for (int64_t t = 0; t < nt; ++t) {
         const T* Bt = Bg + (t0 + t) * sBl;
         const T* Ct = Cg + (t0 + t) * sCl;
-        const V dtt = dt[t], dtut = dtu[t];
-        V acc{};
+        const V dtt = s.softplus ? softplus(dt[t] + bias) : dt[t] + bias;
+        const V dtut = dtt * uu[t];
+        V acc = Dv * uu[t];
 #pragma GCC unroll 16
         for (int64_t n = 0; n < N; ++n) {
           const V hn = exp_fast(dtt * A[n]) * h[n] + dtut * Bt[n * sBn];
           h[n] = hn;
           acc += hn * Ct[n * sCn];
         }
-        y[t] = acc + Dv * uu[t];
+        y[t] = s.z ? acc * (zz[t] * sigmoid(zz[t])) : acc;
       }
       if (NS > 0)
         for (int64_t n = 0; n < N; ++n) hs[n] = h[n];
-      if (s.z) {
-        load_tile(s.z + b * s.sz[0] + d0 * s.sz[1] + t0 * s.sz[2], s.sz[1], s.sz[2], lanes, nt, uu);
-        for (int64_t t = 0; t < nt; ++t) y[t] *= uu[t] * sigmoid(uu[t]);
-      }
       store_tile(y, lanes, nt, s.out + b * s.sout[0] + d0 * s.sout[1] + t0 * s.sout[2], s.sout[1], s.sout[2]);
     }
   }
