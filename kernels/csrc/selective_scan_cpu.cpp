@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -283,8 +284,40 @@ inline int64_t backward_workspace(int64_t N, int64_t L) {
   return 5 * kChunk + kChunk * N + (kChunk + 1) * N + chunks * N + 3 * N;
 }
 
+// In-register transpose of a W x W tile held in W vectors (W a power of 2), in log2(W) stages: stage s
+// swaps the off-diagonal s x s blocks of every 2s x 2s block, one two-input shuffle per vector. Needs
+// __builtin_shufflevector (Clang, GCC >= 12); other compilers use the element-by-element copies below.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SS_HAVE_TRANSPOSE 1
+template <int S, int W, bool High, int J>
+constexpr int swap_index() {
+  // Low row (bit S of the row clear): element j comes from itself, or from the high row at j - S.
+  // High row: element j comes from the low row at j + S, or from itself.
+  return High ? ((J & S) ? W + J : J + S) : ((J & S) ? W + (J - S) : J);
+}
+template <int S, typename V, int... J>
+inline void swap_stage(V* r, std::integer_sequence<int, J...>) {
+  constexpr int W = sizeof...(J);
+  for (int i = 0; i < W; ++i) {
+    if (i & S) continue;
+    const V lo = r[i], hi = r[i + S];
+    r[i] = __builtin_shufflevector(lo, hi, swap_index<S, W, false, J>()...);
+    r[i + S] = __builtin_shufflevector(lo, hi, swap_index<S, W, true, J>()...);
+  }
+}
+template <typename V, int S = sizeof(V) / sizeof(V{}[0]) / 2>
+inline void transpose(V* r) {
+  constexpr int W = sizeof(V) / sizeof(V{}[0]);
+  swap_stage<S>(r, std::make_integer_sequence<int, W>{});
+  if constexpr (S > 1) transpose<V, S / 2>(r);
+}
+#else
+#define SS_HAVE_TRANSPOSE 0
+#endif
+
 // Reads steps [0, nt) of `lanes` adjacent channels of a (channel stride sd, step stride sl) view into
-// buf[t] (lane c = channel c; missing lanes are 0). Token-major views (sd == 1) load whole vectors.
+// buf[t] (lane c = channel c; missing lanes are 0). Token-major views (sd == 1) load whole vectors;
+// channel-major ones (sl == 1) load W steps of each channel as one vector and transpose W x W tiles.
 template <typename T, typename V>
 inline void load_tile(const T* p, int64_t sd, int64_t sl, int lanes, int64_t nt, V* __restrict__ buf) {
   constexpr int W = sizeof(V) / sizeof(T);
@@ -292,11 +325,22 @@ inline void load_tile(const T* p, int64_t sd, int64_t sl, int lanes, int64_t nt,
     for (int64_t t = 0; t < nt; ++t) std::memcpy(&buf[t], p + t * sl, sizeof(V));
     return;
   }
+  int64_t done = 0;
+#if SS_HAVE_TRANSPOSE
+  if (sl == 1 && lanes == W) {
+    for (; done + W <= nt; done += W) {
+      V* r = buf + done;
+      for (int c = 0; c < W; ++c) std::memcpy(&r[c], p + c * sd + done, sizeof(V));
+      transpose(r);
+    }
+  }
+#endif
+  if (done == nt) return;
   if (lanes < W)
-    for (int64_t t = 0; t < nt; ++t) buf[t] = V{};
+    for (int64_t t = done; t < nt; ++t) buf[t] = V{};
   for (int c = 0; c < lanes; ++c) {
     const T* pc = p + c * sd;
-    for (int64_t t = 0; t < nt; ++t) buf[t][c] = pc[t * sl];
+    for (int64_t t = done; t < nt; ++t) buf[t][c] = pc[t * sl];
   }
 }
 
@@ -316,17 +360,27 @@ inline void prefetch_tile(const T* p, int64_t sd, int64_t sl, int lanes, int64_t
   }
 }
 
-// The inverse of load_tile: writes buf[t]'s first `lanes` lanes to the strided view.
+// The inverse of load_tile: writes buf[t]'s first `lanes` lanes to the strided view (buf is clobbered).
 template <typename T, typename V>
-inline void store_tile(const V* __restrict__ buf, int lanes, int64_t nt, T* p, int64_t sd, int64_t sl) {
+inline void store_tile(V* __restrict__ buf, int lanes, int64_t nt, T* p, int64_t sd, int64_t sl) {
   constexpr int W = sizeof(V) / sizeof(T);
   if (sd == 1 && lanes == W) {
     for (int64_t t = 0; t < nt; ++t) std::memcpy(p + t * sl, &buf[t], sizeof(V));
     return;
   }
+  int64_t done = 0;
+#if SS_HAVE_TRANSPOSE
+  if (sl == 1 && lanes == W) {
+    for (; done + W <= nt; done += W) {
+      V* r = buf + done;
+      transpose(r);
+      for (int c = 0; c < W; ++c) std::memcpy(p + c * sd + done, &r[c], sizeof(V));
+    }
+  }
+#endif
   for (int c = 0; c < lanes; ++c) {
     T* pc = p + c * sd;
-    for (int64_t t = 0; t < nt; ++t) pc[t * sl] = buf[t][c];
+    for (int64_t t = done; t < nt; ++t) pc[t * sl] = buf[t][c];
   }
 }
 
