@@ -290,8 +290,8 @@ def _is_empty(u: Tensor, A: Tensor) -> bool:
 
 
 def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """``t`` in ``dtype``, keeping its strides (no copy when it already has that dtype)."""
-    return None if t is None else t.to(dtype)
+    """``t`` in ``dtype``, keeping its strides (no copy, and no dispatch, when it already has that dtype)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _int64s(values: list[int]) -> ctypes.Array:
@@ -310,7 +310,7 @@ def cpu_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tup
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], A.shape[1]
     uf, df, Af, Bf, Cf, zf = (_as(t, f) for t in (u, delta, A, B, C, z))
-    Df, bf = _contig(D, f), _contig(delta_bias, f)
+    Df, bf = (None if t is None else _as(t, f).contiguous() for t in (D, delta_bias))
     out = torch.empty((batch, dim, length), dtype=f)
     last = torch.empty((batch, dim, dstate), dtype=f)
     views = (uf, df, zf if zf is not None else uf, out, Bf, Cf, Af)
@@ -322,7 +322,7 @@ def cpu_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tup
         torch.get_num_threads(),
     )
     _check(rc, "forward")
-    return out.to(u.dtype), last
+    return _as(out, u.dtype), last
 
 
 def _slices(batch: int, groups: int, per_group: int, threads: int) -> int:
