@@ -205,7 +205,7 @@ inline VD sigmoid(VD x) { return lanewise<sigmoid>(x); }
 // ---------------------------------------------------------------------------------------------------
 
 // The forward's inputs as strided views (element strides, any sign): u, delta, z, out (batch, dim, L);
-// B, C (batch, G, N, L); A (dim, N). D and delta_bias are contiguous (dim,); last is contiguous (batch, dim, N).
+// B, C (batch, G, N, L); A (dim, N). D, delta_bias (dim,) and last (batch, dim, N) are contiguous.
 template <typename T>
 struct Fwd {
   const T *u, *delta, *A, *B, *C;
@@ -391,7 +391,7 @@ inline void store_tile(V* __restrict__ buf, int lanes, int64_t nt, T* p, int64_t
 // between chunks (in registers during one for N = 1 and 16); every step does, per state, one vector exp and
 // three multiply(-add)s, with no horizontal sum. u, delta and z are read a chunk at a time into (step,
 // lane) tiles; dt, softplus, the D skip and the silu(z) gate run on whole vectors.
-// ws: (2 N + 2) vectors per block (A, h, D, delta_bias) and 4 kChunk vectors of tiles (delta, z, u, y).
+// ws: (2 N + 2) vectors per block (A, h, D, delta_bias) and 5 kChunk vectors of tiles (delta, z, u, y, dt u).
 template <typename T, int NS>
 void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t blk1,
                   typename Vec<T>::V* __restrict__ ws) {
@@ -443,31 +443,66 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
                         s.sdelta[2], lanes_of(k1), nt1);
           prefetch_tile(s.u + b * s.su[0] + d1 * s.su[1] + t1 * s.su[2], s.su[1], s.su[2], lanes_of(k1), nt1);
           if (s.z)
-            prefetch_tile(s.z + b * s.sz[0] + d1 * s.sz[1] + t1 * s.sz[2], s.sz[1], s.sz[2], lanes_of(k1), nt1);
+            prefetch_tile(s.z + b * s.sz[0] + d1 * s.sz[1] + t1 * s.sz[2], s.sz[1], s.sz[2], lanes_of(k1),
+                          nt1);
         }
       }
       if (s.z) load_tile(s.z + b * s.sz[0] + d0 * s.sz[1] + t0 * s.sz[2], s.sz[1], s.sz[2], lanes, nt, zz);
-      V hloc[NS > 0 ? NS : 1];
-      V* __restrict__ h = NS > 0 ? hloc : hs;
-      if (NS > 0)
-        for (int64_t n = 0; n < N; ++n) h[n] = hs[n];
-      // One pass per step: step size, the N state updates and readouts, the D skip and the gate.
-      for (int64_t t = 0; t < nt; ++t) {
-        const T* Bt = Bg + (t0 + t) * sBl;
-        const T* Ct = Cg + (t0 + t) * sCl;
-        const V dtt = s.softplus ? softplus(dt[t] + bias) : dt[t] + bias;
-        const V dtut = dtt * uu[t];
-        V acc = Dv * uu[t];
-#pragma GCC unroll 16
-        for (int64_t n = 0; n < N; ++n) {
-          const V hn = exp_fast(dtt * A[n]) * h[n] + dtut * Bt[n * sBn];
-          h[n] = hn;
-          acc += hn * Ct[n * sCn];
+      if (NS == 16) {
+        // Step sizes first, then two passes over the chunk with 8 states each, so that the 8 state and
+        // 8 A vectors stay in registers (measured 10-13% faster than one pass over 16 states).
+        V* __restrict__ dtu = y + kChunk;
+        for (int64_t t = 0; t < nt; ++t) {
+          const V dtt = s.softplus ? softplus(dt[t] + bias) : dt[t] + bias;
+          dt[t] = dtt;
+          dtu[t] = dtt * uu[t];
+          y[t] = Dv * uu[t];
         }
-        y[t] = s.z ? acc * (zz[t] * sigmoid(zz[t])) : acc;
+        for (int64_t n0 = 0; n0 < N; n0 += 8) {
+          V h[8], a[8];
+          for (int n = 0; n < 8; ++n) {
+            h[n] = hs[n0 + n];
+            a[n] = A[n0 + n];
+          }
+          for (int64_t t = 0; t < nt; ++t) {
+            const T* Bt = Bg + (t0 + t) * sBl + n0 * sBn;
+            const T* Ct = Cg + (t0 + t) * sCl + n0 * sCn;
+            const V dtt = dt[t], dtut = dtu[t];
+            V acc = y[t];
+#pragma GCC unroll 8
+            for (int n = 0; n < 8; ++n) {
+              h[n] = exp_fast(dtt * a[n]) * h[n] + dtut * Bt[n * sBn];
+              acc += h[n] * Ct[n * sCn];
+            }
+            y[t] = acc;
+          }
+          for (int n = 0; n < 8; ++n) hs[n0 + n] = h[n];
+        }
+        if (s.z)
+          for (int64_t t = 0; t < nt; ++t) y[t] *= zz[t] * sigmoid(zz[t]);
+      } else {
+        V hloc[NS > 0 ? NS : 1];
+        V* __restrict__ h = NS > 0 ? hloc : hs;
+        if (NS > 0)
+          for (int64_t n = 0; n < N; ++n) h[n] = hs[n];
+        // Other N: one pass per step (step size, N state updates and readouts, D skip, gate).
+        for (int64_t t = 0; t < nt; ++t) {
+          const T* Bt = Bg + (t0 + t) * sBl;
+          const T* Ct = Cg + (t0 + t) * sCl;
+          const V dtt = s.softplus ? softplus(dt[t] + bias) : dt[t] + bias;
+          const V dtut = dtt * uu[t];
+          V acc = Dv * uu[t];
+#pragma GCC unroll 16
+          for (int64_t n = 0; n < N; ++n) {
+            const V hn = exp_fast(dtt * A[n]) * h[n] + dtut * Bt[n * sBn];
+            h[n] = hn;
+            acc += hn * Ct[n * sCn];
+          }
+          y[t] = s.z ? acc * (zz[t] * sigmoid(zz[t])) : acc;
+        }
+        if (NS > 0)
+          for (int64_t n = 0; n < N; ++n) hs[n] = h[n];
       }
-      if (NS > 0)
-        for (int64_t n = 0; n < N; ++n) hs[n] = h[n];
       store_tile(y, lanes, nt, s.out + b * s.sout[0] + d0 * s.sout[1] + t0 * s.sout[2], s.sout[1], s.sout[2]);
     }
   }
@@ -633,7 +668,7 @@ int forward_impl(const Fwd<T>& s, int nthreads) {
   int64_t slices = pairs >= nt ? 1 : (4 * nt + pairs - 1) / pairs;
   slices = slices < blocks ? slices : blocks;
   const int64_t per_slice = (blocks + slices - 1) / slices;
-  const int64_t ws_vectors = per_slice * (2 * s.nstate + 2) + 4 * kChunk;
+  const int64_t ws_vectors = per_slice * (2 * s.nstate + 2) + 5 * kChunk;
   int failed = 0;
 #pragma omp parallel num_threads(nt) reduction(| : failed)
   {
