@@ -11,8 +11,16 @@ Rows ("backends"):
 - ``torch``, ``cpu`` (and ``triton`` when CUDA is present): ``vmamba.kernels.selective_scan(backend=...)``.
 - ``mambapy``: mambapy's ``pscan`` (if installed: ``pip install mambapy``) fed A = exp(dt A) and X = dt B u in
   its (batch, L, dim, N) layout, plus the C h readout, D skip and silu(z) gate, so it computes the same thing.
-- ``yardstick``: the fused C++ scan in /work/shared/bench/cpu_scan_yardstick (if that folder exists;
-  3-D B/C only, so not for grouped shapes).
+- ``yardstick``: the fused C++ scan in /work/shared/bench/cpu_scan_yardstick (if that folder exists), one
+  call per group of B/C (it takes 3-D B/C only); ``yardstick-ld``: that folder's channel-vectorised
+  forward, fed token-major contiguous (batch, L, channels) copies made before timing (forward only).
+- ``cpu@REV`` (``--baseline REV``): the ``cpu`` backend's kernel as of git revision REV, built from that
+  revision's ``kernels/`` and called directly (forward only), to measure a change in the same run.
+
+``--layout token`` passes u, delta and z as ``.transpose(1, 2)`` views of token-major (batch, L, dim)
+tensors (what the models' projections produce) instead of contiguous (batch, dim, L) ones. ``--cpu-time``
+times with the process's CPU time instead of the wall clock: on a machine shared with other jobs that
+measures the work done rather than the time slices received (use it with ``--threads 1``).
 
 Every case runs float32 with z, delta_bias and softplus. Peak memory (CPU) is the rise of the process's
 peak resident set size (VmHWM, reset through /proc/self/clear_refs) over the resident size just before
@@ -25,6 +33,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
+import importlib.machinery
+import importlib.util
 import json
 import math
 import os
@@ -32,6 +43,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,8 +55,9 @@ import torch.nn.functional as F
 from vmamba.kernels import available_backends, selective_scan
 
 YARDSTICK_DIR = Path("/work/shared/bench/cpu_scan_yardstick")
-BASELINES = ("reference", "mambapy", "yardstick")
-ALL_BACKENDS = ("reference", "torch", "cpu", "triton", "mambapy", "yardstick")
+BASELINES = ("reference", "mambapy", "yardstick", "yardstick-ld")
+ALL_BACKENDS = ("reference", "torch", "cpu", "triton", "mambapy", "yardstick", "yardstick-ld")
+FORWARD_ONLY = ("yardstick-ld",)  # plus cpu@REV
 
 
 @dataclass(frozen=True)
@@ -69,14 +82,23 @@ SHAPES = {
         Shape("vim_t_b8_L1025", 8, 384, 16, 1025),
         Shape("vim_t_b8_L4097", 8, 384, 16, 4097),
         Shape("vmamba_t_s1_b1", 1, 384, 1, 3136, groups=4),
+        # Vim-Ti as the model calls it: both directions (384 channels each) as the 2 groups of one call.
+        Shape("vim_t_2dir_b1_L197", 1, 768, 16, 197, groups=2),
+        Shape("vim_t_2dir_b1_L1025", 1, 768, 16, 1025, groups=2),
+        Shape("vim_t_2dir_b1_L4097", 1, 768, 16, 4097, groups=2),
+        # VMamba-T stage 1 (56 x 56 tokens, 4 directions, N = 1), 4 x 192 channels as 4 groups.
+        Shape("vmamba_t_4dir_b1_L3136", 1, 768, 1, 3136, groups=4),
     )
 }
 TARGET_SHAPE = "vim_t_b8_L1025"
+QUICK_SHAPES = ("vim_t_2dir_b1_L197", "vim_t_2dir_b1_L1025", "vim_t_2dir_b1_L4097", "vmamba_t_4dir_b1_L3136")
 SLOW_SHAPES = ("vim_t_b8_L4097",)  # --skip-slow drops the reference loop and mambapy here
 
 
-def make_inputs(shape: Shape, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """float32 inputs like a freshly initialised Mamba layer (S4D-real A, dt in [1e-3, 1e-1])."""
+def make_inputs(shape: Shape, device: str, seed: int = 0, layout: str = "channel") -> dict[str, torch.Tensor]:
+    """float32 inputs like a freshly initialised Mamba layer (S4D-real A, dt in [1e-3, 1e-1]).
+
+    ``layout="token"``: u, delta and z are transposed views of token-major (batch, L, dim) tensors."""
     g = torch.Generator().manual_seed(seed)
     b, d, n, length, groups = shape.batch, shape.dim, shape.dstate, shape.length, shape.groups
     dt = torch.exp(torch.rand(d, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
@@ -90,6 +112,9 @@ def make_inputs(shape: Shape, device: str, seed: int = 0) -> dict[str, torch.Ten
         "z": torch.randn(b, d, length, generator=g),
         "delta_bias": dt + torch.log(-torch.expm1(-dt)),  # inverse softplus
     }
+    if layout == "token":
+        for name in ("u", "delta", "z"):
+            inputs[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
     return {k: v.to(device) for k, v in inputs.items()}
 
 
@@ -110,7 +135,59 @@ def _mambapy_scan(u, delta, A, B, C, D, z, delta_bias):
 def _yardstick_scan(u, delta, A, B, C, D, z, delta_bias):
     from cpu_ext import selective_scan_cpp  # on sys.path when the folder exists
 
-    return selective_scan_cpp(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, True)
+    groups = B.shape[1]
+    per = u.shape[1] // groups
+    parts = [
+        selective_scan_cpp(
+            *(t[:, g * per : (g + 1) * per] for t in (u, delta)),
+            A[g * per : (g + 1) * per],
+            B[:, g],
+            C[:, g],
+            D[g * per : (g + 1) * per],
+            z[:, g * per : (g + 1) * per],
+            delta_bias[g * per : (g + 1) * per],
+            True,
+        )
+        for g in range(groups)
+    ]
+    return parts[0] if groups == 1 else torch.cat(parts, dim=1)
+
+
+def _yardstick_ld_case(inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """The yardstick's token-major forward, one call per group on per-group copies made here, untimed."""
+    from cpu_ext import selective_scan_cpp_ld
+
+    groups = inputs["B"].shape[1]
+    per = inputs["u"].shape[1] // groups
+    calls = []
+    for g in range(groups):
+        ch = slice(g * per, (g + 1) * per)
+        tok = {k: inputs[k][:, ch].transpose(1, 2).contiguous() for k in ("u", "delta", "z")}
+        bc = {k: inputs[k][:, g].transpose(1, 2).contiguous() for k in ("B", "C")}
+        per_ch = {k: inputs[k][ch].contiguous() for k in ("A", "D", "delta_bias")}
+        calls.append({**tok, **bc, **per_ch})
+    return lambda: [selective_scan_cpp_ld(**kw, delta_softplus=True) for kw in calls]
+
+
+def load_baseline(rev: str) -> Callable:
+    """The ``cpu`` backend's forward as of git revision ``rev``: that revision's ``kernels/`` is unpacked
+    into a temporary package (its ``__init__`` not run, so nothing is registered twice) and its
+    ``cpu_scan_forward`` called directly; the library builds into the usual cache on first use."""
+    root = Path(__file__).resolve().parents[1]
+    tmp = Path(tempfile.mkdtemp(prefix="vmamba_bench_"))
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", rev, "kernels"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
+    name = f"vmamba_kernels_{rev.replace('-', '_').replace('.', '_')}"
+    package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, None, is_package=True))
+    package.__path__ = [str(tmp / "kernels")]
+    sys.modules[name] = package
+    forward = importlib.import_module(f"{name}.cpu").cpu_scan_forward
+    return lambda u, delta, A, B, C, D, z, delta_bias: forward(u, delta, A, B, C, D, z, delta_bias, True)[0]
+
+
+_BASELINES: dict[str, Callable] = {}  # "cpu@REV" -> forward, filled by main()
 
 
 def scan_fn(backend: str) -> Callable:
@@ -119,6 +196,8 @@ def scan_fn(backend: str) -> Callable:
         return _mambapy_scan
     if backend == "yardstick":
         return _yardstick_scan
+    if backend in _BASELINES:
+        return _BASELINES[backend]
     return lambda **kw: selective_scan(**kw, delta_softplus=True, backend=backend)
 
 
@@ -132,8 +211,8 @@ def unsupported(
     backend: str, shape: Shape, args: argparse.Namespace, with_backward: bool = False
 ) -> str | None:
     """Why ``backend`` does not run on ``shape`` (forward, or forward+backward) in this run, or None."""
-    if backend == "yardstick" and shape.groups != 1:
-        return "grouped B/C unsupported"
+    if with_backward and (backend in FORWARD_ONLY or backend in _BASELINES):
+        return "forward only"
     if backend in ("reference", "mambapy") and args.skip_slow and shape.name in SLOW_SHAPES:
         return "skipped (--skip-slow)"
     if backend == "mambapy":
@@ -157,10 +236,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_case(backend: str, shape: Shape, with_backward: bool) -> Callable[[], None]:
+def make_case(backend: str, shape: Shape, with_backward: bool, layout: str = "channel") -> Callable[[], None]:
     """A closure running one forward (no autograd) or one forward+backward of ``backend`` on ``shape``."""
     device = backend_device(backend)
-    inputs = make_inputs(shape, device)
+    inputs = make_inputs(shape, device, layout=layout)
+    if backend == "yardstick-ld":
+        return _yardstick_ld_case(inputs)
     fn = scan_fn(backend)
     if not with_backward:
 
@@ -225,8 +306,13 @@ def measure_memory(backend: str, shape: Shape, with_backward: bool) -> float | N
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
-def time_cases(cases: dict[str, Callable[[], None]], repeats: int, slow_repeats: int) -> dict[str, float]:
-    """Median wall-clock ms per case, cases interleaved.
+def time_cases(
+    cases: dict[str, Callable[[], None]],
+    repeats: int,
+    slow_repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median ms per case on ``clock`` (the wall clock by default), cases interleaved.
 
     A first run warms each case up; if it took over 1 s it also counts as a sample and the case gets
     ``slow_repeats`` samples in all (just the one when it took over 60 s), else ``repeats`` more.
@@ -234,9 +320,9 @@ def time_cases(cases: dict[str, Callable[[], None]], repeats: int, slow_repeats:
     times: dict[str, list[float]] = {name: [] for name in cases}
     limit: dict[str, int] = {}
     for name, case in cases.items():
-        start = time.perf_counter()
+        start = clock()
         case()
-        seconds = time.perf_counter() - start
+        seconds = clock() - start
         limit[name] = repeats
         if seconds > 1.0:
             times[name].append(seconds * 1e3)
@@ -244,9 +330,9 @@ def time_cases(cases: dict[str, Callable[[], None]], repeats: int, slow_repeats:
     for _ in range(max(limit.values(), default=0)):
         for name, case in cases.items():
             if len(times[name]) < limit[name]:
-                start = time.perf_counter()
+                start = clock()
                 case()
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name].append((clock() - start) * 1e3)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -260,7 +346,7 @@ def pick_backends(requested: list[str]) -> list[str]:
             print(f"{name}: not available on this machine, left out", file=sys.stderr)
         elif name == "mambapy" and not _importable("mambapy.pscan"):
             print("mambapy: not installed (pip install mambapy), left out", file=sys.stderr)
-        elif name == "yardstick" and not (YARDSTICK_DIR / "cpu_ext.py").is_file():
+        elif name.startswith("yardstick") and not (YARDSTICK_DIR / "cpu_ext.py").is_file():
             print(f"yardstick: {YARDSTICK_DIR} not found, left out", file=sys.stderr)
         else:
             chosen.append(name)
@@ -295,7 +381,14 @@ def machine_line() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"only {TARGET_SHAPE}, 3 repeats, no memory")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"batch-1 model shapes {QUICK_SHAPES}, forwards only, 1 thread unless --threads, 5 repeats, no memory",
+    )
+    parser.add_argument("--baseline", action="append", default=[], metavar="REV", help="also time cpu@REV")
+    parser.add_argument("--layout", choices=("channel", "token"), default="channel", help="u/delta/z layout")
+    parser.add_argument("--cpu-time", action="store_true", help="time with process CPU time, not wall clock")
     parser.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma-separated backends")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {list(SHAPES)}")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
@@ -319,21 +412,30 @@ def main(argv: list[str] | None = None) -> None:
 
     if YARDSTICK_DIR.is_dir():
         sys.path.insert(0, str(YARDSTICK_DIR))
+    if args.quick:
+        if args.shapes == ",".join(SHAPES):
+            args.shapes = ",".join(QUICK_SHAPES)
+        args.no_memory, args.forward_only = True, True
+        args.threads = args.threads or 1
+        if args.backends == ",".join(ALL_BACKENDS):
+            args.backends = "reference,cpu,yardstick,yardstick-ld"
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_case:
         backend, shape_name, with_backward = args.memory_case
         print(json.dumps({"peak_mib": measure_memory_here(backend, shape_name, bool(int(with_backward)))}))
         return
-    if args.quick:
-        args.shapes, args.repeats, args.no_memory = TARGET_SHAPE, 3, True
     shapes = [SHAPES[name] for name in args.shapes.split(",")]
     backends = pick_backends(args.backends.split(","))
+    for rev in args.baseline:
+        _BASELINES[f"cpu@{rev}"] = load_baseline(rev)
+        backends.append(f"cpu@{rev}")
+    clock = time.process_time if args.cpu_time else time.perf_counter
 
     header = ["shape", "backend", "fwd ms", "fwd+bwd ms"]
     if not args.no_memory:
         header += ["fwd peak MiB", "fwd+bwd peak MiB"]
-    present_baselines = [b for b in BASELINES if b in backends]
+    present_baselines = [b for b in (*BASELINES, *_BASELINES) if b in backends]
     header += [f"fwd vs {b}" for b in present_baselines] + [f"fwd+bwd vs {b}" for b in present_baselines]
     rows = []
     for shape in shapes:
@@ -342,8 +444,18 @@ def main(argv: list[str] | None = None) -> None:
             b for b in backends if unsupported(b, shape, args, True) is None and not args.forward_only
         ]
         print(f"# {shape.name}: timing {', '.join(run_fwd)}", file=sys.stderr, flush=True)
-        fwd = time_cases({b: make_case(b, shape, False) for b in run_fwd}, args.repeats, args.slow_repeats)
-        both = time_cases({b: make_case(b, shape, True) for b in run_both}, args.repeats, args.slow_repeats)
+        fwd = time_cases(
+            {b: make_case(b, shape, False, args.layout) for b in run_fwd},
+            args.repeats,
+            args.slow_repeats,
+            clock,
+        )
+        both = time_cases(
+            {b: make_case(b, shape, True, args.layout) for b in run_both},
+            args.repeats,
+            args.slow_repeats,
+            clock,
+        )
         for backend in backends:
             row = [shape.name, backend]
             for with_backward, times in ((False, fwd), (True, both)):
@@ -366,6 +478,8 @@ def main(argv: list[str] | None = None) -> None:
             print("  " + " | ".join(row), file=sys.stderr, flush=True)
 
     print(f"Selective scan, float32, z + delta_bias + softplus; {machine_line()}; {datetime.date.today()}")
+    clock_name = "process CPU time" if args.cpu_time else "wall clock"
+    print(f"u/delta/z layout: {args.layout}-major; {clock_name}; command: {' '.join(sys.argv)}")
     print("Ratios: baseline time / row time (higher = row is faster). Medians of interleaved runs.\n")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")

@@ -39,6 +39,7 @@ __all__ = [
     "NO_BUILD_ENV_VAR",
     "cpu_scan_backward",
     "cpu_scan_forward",
+    "kernel_math",
     "library_info",
 ]
 
@@ -199,12 +200,16 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suffix in ("f32", "f64"):
         forward = getattr(lib, f"ss_forward_{suffix}")
-        forward.argtypes = [p] * 10 + [i64] * 5 + [i32, i32]
+        forward.argtypes = [p] * 12 + [i32, i32]
         forward.restype = i32
         backward = getattr(lib, f"ss_backward_{suffix}")
         backward.argtypes = [p] * 18 + [i64] * 6 + [i32, i32]
         backward.restype = i32
     lib.ss_chunk_size.restype = i32
+    lib.ss_lanes.argtypes = [i32]
+    lib.ss_lanes.restype = i32
+    lib.ss_math_f32.argtypes = [i32, p, p, i64]
+    lib.ss_math_f32.restype = None
     lib.ss_has_openmp.restype = i32
 
 
@@ -222,7 +227,24 @@ def library_info() -> dict[str, object]:
         "flags": " ".join(_LIBRARY.flags),
         "openmp": bool(lib.ss_has_openmp()),
         "chunk_size": int(lib.ss_chunk_size()),
+        "lanes": {"float32": int(lib.ss_lanes(0)), "float64": int(lib.ss_lanes(1))},
     }
+
+
+_MATH = ("exp", "softplus", "sigmoid")
+
+
+def kernel_math(name: str, x: Tensor) -> Tensor:
+    """The kernel's own float32 ``exp``, ``softplus`` or ``sigmoid`` (the SIMD code the scan runs) on ``x``."""
+    if name not in _MATH:
+        raise ValueError(f"name must be one of {_MATH}, got {name!r}")
+    xf = x.detach().to(torch.float32).contiguous()
+    out = torch.empty_like(xf)
+    lib = _LIBRARY.get()
+    if lib is None:
+        raise RuntimeError(f"the 'cpu' selective-scan backend is unavailable: {_LIBRARY.error}")
+    lib.ss_math_f32(_MATH.index(name), xf.data_ptr(), out.data_ptr(), xf.numel())
+    return out
 
 
 def _is_available(device: torch.device) -> bool:
@@ -267,29 +289,40 @@ def _is_empty(u: Tensor, A: Tensor) -> bool:
     return u.numel() == 0 or A.shape[1] == 0
 
 
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t`` in ``dtype``, keeping its strides (no copy, and no dispatch, when it already has that dtype)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _int64s(values: list[int]) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
 def cpu_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tuple[Tensor, Tensor]:
-    """Forward of the fused CPU scan. B, C grouped (batch, G, N, L). Returns (out in u.dtype, last state)."""
+    """Forward of the fused CPU scan. B, C grouped (batch, G, N, L). Returns (out in u.dtype, last state).
+
+    u, delta, z, A, B and C are read through their strides: any views (token-major ``(batch, L, dim)``
+    tensors passed as ``.transpose(1, 2)``, slices of a wider projection, expanded B/C) are not copied.
+    """
     if _is_empty(u, A):
         return torch_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     f = math_dtype(u)
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], A.shape[1]
-    uf, df, Af, Df, zf, bf = (_contig(t, f) for t in (u, delta, A, D, z, delta_bias))
-    Bt, Ct = _states_first(B, f), _states_first(C, f)
+    uf, df, Af, Bf, Cf, zf = (_as(t, f) for t in (u, delta, A, B, C, z))
+    Df, bf = (None if t is None else _as(t, f).contiguous() for t in (D, delta_bias))
     out = torch.empty((batch, dim, length), dtype=f)
     last = torch.empty((batch, dim, dstate), dtype=f)
+    views = (uf, df, zf if zf is not None else uf, out, Bf, Cf, Af)
     rc = _entry("forward", f)(
-        *(_ptr(t) for t in (uf, df, Af, Bt, Ct, Df, zf, bf, out, last)),
-        batch,
-        dim,
-        length,
-        dstate,
-        groups,
+        *(_ptr(t) for t in (uf, df, Af, Bf, Cf, Df, zf, bf, out, last)),
+        _int64s([batch, dim, length, dstate, groups]),
+        _int64s([s for t in views for s in t.stride()]),
         int(bool(delta_softplus)),
         torch.get_num_threads(),
     )
     _check(rc, "forward")
-    return out.to(u.dtype), last
+    return _as(out, u.dtype), last
 
 
 def _slices(batch: int, groups: int, per_group: int, threads: int) -> int:

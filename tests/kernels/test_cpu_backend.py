@@ -89,6 +89,8 @@ CASES = [
     (2, 4, 129, 16, 2, True, True, True),
     (1, 8, 200, 1, 2, False, False, True),
     (2, 4, 150, 16, 4, True, False, False),
+    (1, 80, 70, 16, 2, True, True, True),  # 40 channels a group: full SIMD blocks and a partial one
+    (2, 42, 66, 1, 2, True, True, True),
 ]
 
 
@@ -146,9 +148,9 @@ def test_gradcheck_float64_state16_three_dim(chunk):
 
 
 def test_thread_count_does_not_change_results(chunk):
-    # batch 1 and one group: the backward splits the channels into per-slice dB/dC buffers, as many as
-    # the thread count asks for; the sums must agree whatever the split.
-    inputs = make_inputs(1, 16, 100, 16, None, dtype=torch.float32)
+    # batch 1 and one group: the work is split into as many channel slices as the thread count asks for
+    # (forward: runs of SIMD blocks; backward: per-slice dB/dC buffers); the results must agree.
+    inputs = make_inputs(1, 80, 100, 16, None, dtype=torch.float32)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -160,16 +162,104 @@ def test_thread_count_does_not_change_results(chunk):
     assert_scan_close(two, one, rtol=1e-5, atol=1e-5)
 
 
-def test_noncontiguous_inputs(chunk):
-    inputs = make_inputs(2, 4, 70, 16, 2)
+def token_major_views(inputs: dict, dt_rank: int = 3) -> dict:
+    """The inputs as a Vim mixer produces them, without copies: u, delta and z as ``.transpose(1, 2)`` of
+    (batch, L, dim) tensors, B and C as slices of one token-major (batch, L, G, dt_rank + 2 N) projection,
+    A as the transpose of an (N, dim) tensor."""
+    batch, groups, dstate, length = inputs["B"].shape
+    views = dict(inputs)
+    for name in ("u", "delta", "z"):
+        views[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
+    proj = torch.randn(batch, length, groups, dt_rank + 2 * dstate, dtype=inputs["u"].dtype)
+    proj[..., dt_rank : dt_rank + dstate] = inputs["B"].permute(0, 3, 1, 2)
+    proj[..., dt_rank + dstate :] = inputs["C"].permute(0, 3, 1, 2)
+    views["B"] = proj[..., dt_rank : dt_rank + dstate].permute(0, 2, 3, 1)
+    views["C"] = proj[..., dt_rank + dstate :].permute(0, 2, 3, 1)
+    views["A"] = inputs["A"].t().contiguous().t()
+    for name in ("u", "delta", "z", "B", "C"):
+        assert not views[name].is_contiguous(), name
+    for name in views:
+        if views[name] is not None:
+            torch.testing.assert_close(views[name], inputs[name], rtol=0, atol=0)
+    return views
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dstate,groups", [(16, 2), (1, 4), (5, 1)])
+def test_token_major_views_match_contiguous(chunk, dtype, dstate, groups):
+    # Strided views are read in place by the forward (and copied for the backward): the same numbers.
+    inputs = make_inputs(2, 8 * groups + 40, chunk + 9, dstate, groups, dtype=dtype)
+    want = run_with_grads(inputs, True, "cpu")
+    got = run_with_grads(token_major_views(inputs), True, "cpu", upstream=want[3])
+    assert_scan_close(got, want, rtol=0, atol=0)
+    if dtype == torch.float64:
+        assert_scan_close(got, run_with_grads(inputs, True, "reference", upstream=want[3]), 1e-9, 1e-10)
+
+
+def test_expanded_and_sliced_inputs(chunk):
+    # Stride-0 (expanded) B and C, and u/delta/z that are every other channel of wider tensors.
+    inputs = make_inputs(2, 24, 40, 16, 2)
     strided = dict(inputs)
-    strided["u"] = inputs["u"].transpose(1, 2).contiguous().transpose(1, 2)
-    strided["B"] = inputs["B"].transpose(2, 3).contiguous().transpose(2, 3)
-    assert not strided["u"].is_contiguous() and not strided["B"].is_contiguous()
+    strided["B"] = inputs["B"][:1].expand(2, -1, -1, -1)
+    strided["C"] = inputs["C"][:, :1].expand(-1, 2, -1, -1)
+    for name in ("u", "delta", "z"):
+        strided[name] = torch.stack([inputs[name], -inputs[name]], dim=2).flatten(1, 2)[:, ::2]
+    dense = {k: v.contiguous() if v is not None else None for k, v in strided.items()}
     torch.testing.assert_close(
         selective_scan(**strided, delta_softplus=True, backend="cpu"),
-        selective_scan(**inputs, delta_softplus=True, backend="reference"),
+        selective_scan(**dense, delta_softplus=True, backend="reference"),
+        rtol=1e-9,
+        atol=1e-10,
     )
+
+
+def test_large_and_tiny_step_sizes(chunk):
+    # dt from ~0 (softplus of very negative delta) up to 60 (decays underflow to 0): float32 vs float64.
+    inputs = make_inputs(1, 24, 90, 16, 2)
+    inputs["delta"] = torch.linspace(-60.0, 60.0, 24 * 90, dtype=torch.float64).reshape(1, 24, 90)
+    want = run_with_grads(inputs, True, "reference")
+    got = run_with_grads(inputs, True, "cpu", upstream=want[3], dtype=torch.float32)
+    assert_scan_close(got, want, rtol=6e-4, atol=2e-3)
+    assert all(torch.isfinite(g).all() for g in got[2].values())
+
+
+def ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """|got - want| in float32 units in the last place at ``want`` (a float64 tensor of normal numbers)."""
+    w32 = want.float().abs()
+    spacing = torch.nextafter(w32, torch.tensor(float("inf"))).double() - w32.double()
+    return (got.double() - want).abs() / spacing
+
+
+def test_vector_exp_within_one_ulp(chunk):
+    x = torch.cat(
+        [torch.linspace(-87.0, 88.0, 200_003), torch.randn(10_000), torch.tensor([0.0, -0.0, 1e-30])]
+    )
+    got = cpu_backend.kernel_math("exp", x)
+    assert ulps(got, torch.exp(x.double())).max() <= 1.0
+    assert got[-3:].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_vector_exp_edge_values(chunk):
+    edges = torch.tensor([-float("inf"), -1e30, -1e4, -104.0, -150.0, 89.0, 1e4, float("inf"), float("nan")])
+    got = cpu_backend.kernel_math("exp", edges)
+    assert got[:5].tolist() == [0.0] * 5
+    assert got[5:8].tolist() == [float("inf")] * 3
+    assert torch.isnan(got[8])
+    # Below FLT_MIN the result is the subnormal exp or 0 (flushed), never off by more than FLT_MIN.
+    tiny = torch.linspace(-103.9, -87.4, 1001)
+    err = (cpu_backend.kernel_math("exp", tiny).double() - torch.exp(tiny.double())).abs()
+    assert err.max() <= torch.finfo(torch.float32).smallest_normal
+
+
+def test_vector_softplus_and_sigmoid(chunk):
+    x = torch.cat([torch.linspace(-100.0, 100.0, 100_001), torch.tensor([0.0, 1e4, -1e4, 1e-7, -1e-7])])
+    x64 = x.double()
+    want = torch.nn.functional.softplus(x64, threshold=40.0)  # exact in float64 above 40
+    torch.testing.assert_close(cpu_backend.kernel_math("softplus", x).double(), want, rtol=4e-7, atol=1e-38)
+    want = torch.sigmoid(x64)
+    torch.testing.assert_close(cpu_backend.kernel_math("sigmoid", x).double(), want, rtol=4e-7, atol=1e-38)
+    with pytest.raises(ValueError, match="must be one of"):
+        cpu_backend.kernel_math("log", x)
 
 
 def test_auto_picks_cpu_backend(chunk, monkeypatch):
@@ -218,3 +308,25 @@ def test_disabled_by_environment_without_warning(fresh_library, monkeypatch):
         warnings.simplefilter("error")
         assert resolve_backend("auto", CPU).name == "torch"
     assert cpu_backend.NO_BUILD_ENV_VAR in cpu_backend._unavailable_reason(CPU)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", [(), ("-mavx2", "-mfma")], ids=["baseline-isa", "avx2"])
+def test_portable_builds_match_reference(chunk, monkeypatch, tmp_path, isa):
+    # The kernel built without -march=native (SSE2 vectors, or AVX2): the portable exp and the narrower
+    # SIMD blocks give the same results as the reference.
+    flags = ("-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fopenmp", *isa)
+    monkeypatch.setattr(cpu_backend, "FLAG_SETS", (flags,))
+    monkeypatch.setattr(cpu_backend, "_LIBRARY", cpu_backend._Library())
+    monkeypatch.setenv(cpu_backend.CACHE_ENV_VAR, str(tmp_path))
+    info = cpu_backend.library_info()
+    assert info["available"] and info["flags"] == " ".join(flags), info
+    x = torch.linspace(-87.0, 88.0, 100_001)
+    # Without FMA instructions (baseline x86-64) each multiply-add rounds twice: 1.1 ulp measured.
+    assert ulps(cpu_backend.kernel_math("exp", x), torch.exp(x.double())).max() <= (1.0 if isa else 1.5)
+    assert cpu_backend.kernel_math("exp", torch.tensor([-1e4, 1e4])).tolist() == [0.0, float("inf")]
+    inputs = make_inputs(2, 42, 70, 16, 2)
+    want = run_with_grads(inputs, True, "reference")
+    assert_scan_close(
+        run_with_grads(token_major_views(inputs), True, "cpu", upstream=want[3]), want, 1e-9, 1e-10
+    )
