@@ -4,8 +4,6 @@ Everything here imports triton; the package ``__init__`` only imports this modul
 be importable.
 """
 
-from __future__ import annotations
-
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass

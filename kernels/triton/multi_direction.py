@@ -11,8 +11,6 @@ in place, and outputs and gradients are allocated in the layout of the matching 
 the fast layout: a token's channels are then contiguous, which is how the kernels read them.
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 

@@ -20,8 +20,6 @@ The decay's gradient uses ``exp(dt_t A) h_{t-1} = h_t - dt_t B_t u_t``, so the s
 needed.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

@@ -17,8 +17,6 @@ Every tensor is read through its strides, and the tokens of a direction through 
 so token-major views and reversed or column-major directions are read in place.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

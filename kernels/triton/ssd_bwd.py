@@ -17,8 +17,6 @@ written to float32 buffers with a leading ``part`` axis and summed (and summed o
 by the caller. D, the gate and the direction sum are applied outside the kernel, in torch.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

@@ -16,8 +16,6 @@ set run in the same launch, one grid row each. Float32 inputs use exact float32 
 bfloat16 feed the tensor cores in their own dtype with float32 accumulation, as mamba_ssm does.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl
