@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from vmamba.cli import main
+from vmamba.cli import create_cli, main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -83,7 +83,7 @@ def test_print_config_shows_the_resolved_config(capsys: pytest.CaptureFixture) -
 
 
 def test_quickstart_fast_dev_run_links_data_to_model(tmp_path: Path) -> None:
-    cli = main(["fit", *_quickstart(tmp_path, "--trainer.fast_dev_run=2")])
+    cli = create_cli(["fit", *_quickstart(tmp_path, "--trainer.fast_dev_run=2")])
     model = cli.model
     assert model.hparams.num_classes == 10 and model.hparams.class_names == [str(i) for i in range(10)]
     assert model.hparams.data_config["grayscale"] is True
@@ -92,7 +92,7 @@ def test_quickstart_fast_dev_run_links_data_to_model(tmp_path: Path) -> None:
 
 
 def test_seg_quickstart_fast_dev_run(tmp_path: Path) -> None:
-    cli = main(
+    cli = create_cli(
         [
             "fit",
             "--config",
@@ -117,7 +117,7 @@ def test_seg_quickstart_fast_dev_run(tmp_path: Path) -> None:
 )
 def test_imagenet_configs_fast_dev_run(tmp_path: Path, config: str, model_kwargs: str, img_size: int) -> None:
     data = _image_tree(tmp_path / "data")
-    cli = main(
+    cli = create_cli(
         [
             "fit",
             "--config",
@@ -141,7 +141,7 @@ def test_imagenet_configs_fast_dev_run(tmp_path: Path, config: str, model_kwargs
 
 def test_ade20k_config_fast_dev_run(tmp_path: Path) -> None:
     data = _seg_tree(tmp_path / "ade")
-    cli = main(
+    cli = create_cli(
         [
             "fit",
             "--config",
@@ -208,13 +208,13 @@ def test_validate_test_predict_from_checkpoint(tmp_path: Path) -> None:
     assert hp["model"] == "vim_tiny_patch16_224" and hp["class_names"][9] == "9"
     (run_config,) = tmp_path.glob("lightning_logs/version_0/config.yaml")
     common = ["--config", str(run_config), "--ckpt_path", str(ckpt), "--trainer.limit_val_batches=1"]
-    validate = main(["validate", *common])
+    validate = create_cli(["validate", *common])
     assert "val_acc" in validate.trainer.callback_metrics
-    test = main(["test", *common, "--trainer.limit_test_batches=1"])
+    test = create_cli(["test", *common, "--trainer.limit_test_batches=1"])
     assert "test_acc" in test.trainer.callback_metrics
     main(["predict", *common, "--trainer.limit_predict_batches=2"])
     lines = (tmp_path / "pred" / "predictions.csv").read_text().splitlines()
-    assert lines[0] == "id,label_0,prob_0,label_1,prob_1" and len(lines) == 1 + 2 * 32
+    assert lines[0] == "filename,label_0,label_1,prob_0,prob_1" and len(lines) == 1 + 2 * 32
 
 
 KILLER = """
@@ -253,7 +253,7 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path: Path) -> None:
 
     resumed = tmp_path / "resumed.yaml"
     resumed.write_text(yaml.safe_dump({"trainer": {"callbacks": [every_2]}}))
-    cli = main(
+    cli = create_cli(
         ["fit", *_quickstart(tmp_path, "--config", str(resumed), "--trainer.max_steps=4"), "--ckpt_path=last"]
     )
     assert Path(cli.trainer.ckpt_path).resolve() == last.resolve()
@@ -280,7 +280,7 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
 def test_quickstart_reaches_95_percent(tmp_path: Path) -> None:
     """The README's main command, for real: about 1.5 CPU-minutes on an idle core."""
     torch.set_num_threads(1)
-    cli = main(
+    cli = create_cli(
         [
             "fit",
             "--config",
