@@ -293,3 +293,100 @@ def test_quickstart_reaches_95_percent(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoints" / "best.ckpt").is_file() and (
         tmp_path / "checkpoints" / "last.ckpt"
     ).is_file()
+
+
+# ------------------------------------------------------------------------ installed console scripts
+
+
+def _script(name: str) -> str:
+    """The installed console script ``name``, next to the running interpreter."""
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        pytest.skip(f"{name} is not installed next to {sys.executable}")
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["vmamba-train", "vmamba-predict", "vmamba-export"])
+def test_console_scripts_help_shows_defaults(name: str) -> None:
+    args = [_script(name)] + (["fit", "--help"] if name == "vmamba-train" else ["--help"])
+    proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "default" in proc.stdout
+    if name == "vmamba-predict":
+        assert "(default: 32)" in proc.stdout and "--slide-window" in proc.stdout
+
+
+def test_console_scripts_exit_status(tmp_path: Path) -> None:
+    """0 after a completed fit (with the best score and checkpoint named), 2 for bad arguments."""
+    cmd = [_script("vmamba-train"), "fit", *_quickstart(tmp_path, "--trainer.max_steps=2")]
+    cmd += ["--trainer.limit_val_batches=1", "--trainer.limit_train_batches=2", "--trainer.max_epochs=1"]
+    proc = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "best val_acc" in proc.stdout and "checkpoints/best.ckpt" in proc.stdout
+    assert not list((tmp_path / "checkpoints").glob("*step=*"))  # names without step-step=
+    proc = subprocess.run([_script("vmamba-predict")], env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "no input given" in proc.stderr
+
+
+INTERRUPT = """
+import os
+import signal
+from lightning.pytorch.callbacks import Callback
+
+
+class CtrlC(Callback):
+    \"\"\"Sends SIGINT to its own process after optimizer step ``step``, as Ctrl-C in a terminal would.\"\"\"
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+"""
+
+
+@pytest.mark.slow  # a spawned training process: ~15 s idle
+def test_ctrl_c_in_training_exits_130_with_a_resume_hint(tmp_path: Path) -> None:
+    (tmp_path / "ctrlc.py").write_text(INTERRUPT)
+    every_2 = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"every_n_train_steps": 2, "save_last": True},
+    }
+    stop = {"class_path": "ctrlc.CtrlC", "init_args": {"step": 3}}
+    config = tmp_path / "ctrlc.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [every_2, stop]}}))
+    cmd = [_script("vmamba-train"), "fit", *_quickstart(tmp_path, "--config", str(config))]
+    env = dict(ENV, PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("vmamba-train: interrupted")]
+    assert "checkpoints/last.ckpt (step 2)" in line and "--ckpt_path last" in line
+    assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_in_predict_exits_130_with_a_resume_hint(tmp_path: Path, monkeypatch, capsys) -> None:
+    import vmamba.predict
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vmamba.predict, "_run_classification", interrupted)
+    monkeypatch.setattr(vmamba.predict, "load_model_from_args", lambda args, prog: _FakeLoaded())
+    assert vmamba.predict.main([str(tmp_path), "--results-dir", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0] and str(tmp_path / "out") in err[0]
+
+
+class _FakeLoaded:
+    """Just enough of a LoadedModel for the run loop to start."""
+
+    task = "classification"
+    data_config = {"task": "classification", "input_size": [3, 8, 8], "mean": [0.5] * 3, "std": [0.5] * 3}
+
+    class model:  # noqa: N801
+        @staticmethod
+        def to(device):
+            return None
