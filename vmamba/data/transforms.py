@@ -176,9 +176,9 @@ def segmentation_train_transform(
     return A.Compose(transforms + normalize_and_tensor(mean, std))
 
 
-def build_transform(spec: TransformSpec | None, default: A.BaseCompose) -> A.BaseCompose:
+def build_transform(spec: TransformSpec | None, default: Any) -> Any:
     """Turn a YAML-given pipeline (a ``Compose`` or a list of transforms) into a ``Compose``; ``None`` ->
-    default."""
+    ``default`` (a preset, or :class:`vmamba.preprocess.EvalPreprocess` for evaluation)."""
     if spec is None:
         return default
     if isinstance(spec, A.BaseCompose):
