@@ -80,6 +80,12 @@ def test_export_segmentation_via_predict_entry(tmp_path: Path, capsys) -> None:
     model = create_segmentation_model("test_resnet", 4, decoder="fpn", **kwargs)
     ckpt = tmp_path / "seg.ckpt"
     hparams = {"backbone": "test_resnet", "decoder": "fpn", "num_classes": 4, "decoder_kwargs": kwargs}
+    hparams["data_config"] = {
+        "task": "segmentation",
+        "input_size": [3, 32, 32],
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    }
     torch.save(
         {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hparams},
         ckpt,
