@@ -13,7 +13,7 @@ It writes with :mod:`vmamba.writers`, the writer of ``vmamba-predict``, so both 
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -96,7 +96,7 @@ class PredictionWriter(BasePredictionWriter):
         elif prediction.ndim == 4:
             masks = prediction.argmax(dim=1).cpu().numpy()
             for sample_id, mask in zip(ids, masks):
-                rel = self._namer(PurePosixPath(safe_relative_path(sample_id)))
+                rel = self._namer(safe_relative_path(sample_id))
                 save_mask(inside(self.output_dir / MASKS_DIR, rel), mask, prediction.shape[1])
         else:
             raise ValueError(f"Cannot write predictions of shape {tuple(prediction.shape)}.")
