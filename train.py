@@ -5,7 +5,9 @@
 Same as the installed ``vmamba-train`` command; see docs/training.md.
 """
 
+import sys
+
 from vmamba.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from vmamba.cli import main
+from vmamba.cli import create_cli, main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -74,16 +74,14 @@ def _seg_tree(root: Path, n: int = 4) -> Path:
 
 
 def test_print_config_shows_the_resolved_config(capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--print_config"])
-    assert exit_info.value.code == 0
+    assert main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--print_config"]) == 0
     out = capsys.readouterr().out
     assert "vim_tiny_patch16_224" in out and "vmamba.data.DigitsDataModule" in out
     assert "WarmupCosineLR" in out
 
 
 def test_quickstart_fast_dev_run_links_data_to_model(tmp_path: Path) -> None:
-    cli = main(["fit", *_quickstart(tmp_path, "--trainer.fast_dev_run=2")])
+    cli = create_cli(["fit", *_quickstart(tmp_path, "--trainer.fast_dev_run=2")])
     model = cli.model
     assert model.hparams.num_classes == 10 and model.hparams.class_names == [str(i) for i in range(10)]
     assert model.hparams.data_config["grayscale"] is True
@@ -92,7 +90,7 @@ def test_quickstart_fast_dev_run_links_data_to_model(tmp_path: Path) -> None:
 
 
 def test_seg_quickstart_fast_dev_run(tmp_path: Path) -> None:
-    cli = main(
+    cli = create_cli(
         [
             "fit",
             "--config",
@@ -117,7 +115,7 @@ def test_seg_quickstart_fast_dev_run(tmp_path: Path) -> None:
 )
 def test_imagenet_configs_fast_dev_run(tmp_path: Path, config: str, model_kwargs: str, img_size: int) -> None:
     data = _image_tree(tmp_path / "data")
-    cli = main(
+    cli = create_cli(
         [
             "fit",
             "--config",
@@ -141,7 +139,7 @@ def test_imagenet_configs_fast_dev_run(tmp_path: Path, config: str, model_kwargs
 
 def test_ade20k_config_fast_dev_run(tmp_path: Path) -> None:
     data = _seg_tree(tmp_path / "ade")
-    cli = main(
+    cli = create_cli(
         [
             "fit",
             "--config",
@@ -208,13 +206,13 @@ def test_validate_test_predict_from_checkpoint(tmp_path: Path) -> None:
     assert hp["model"] == "vim_tiny_patch16_224" and hp["class_names"][9] == "9"
     (run_config,) = tmp_path.glob("lightning_logs/version_0/config.yaml")
     common = ["--config", str(run_config), "--ckpt_path", str(ckpt), "--trainer.limit_val_batches=1"]
-    validate = main(["validate", *common])
+    validate = create_cli(["validate", *common])
     assert "val_acc" in validate.trainer.callback_metrics
-    test = main(["test", *common, "--trainer.limit_test_batches=1"])
+    test = create_cli(["test", *common, "--trainer.limit_test_batches=1"])
     assert "test_acc" in test.trainer.callback_metrics
     main(["predict", *common, "--trainer.limit_predict_batches=2"])
     lines = (tmp_path / "pred" / "predictions.csv").read_text().splitlines()
-    assert lines[0] == "id,label_0,prob_0,label_1,prob_1" and len(lines) == 1 + 2 * 32
+    assert lines[0] == "filename,label_0,label_1,prob_0,prob_1" and len(lines) == 1 + 2 * 32
 
 
 KILLER = """
@@ -253,7 +251,7 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path: Path) -> None:
 
     resumed = tmp_path / "resumed.yaml"
     resumed.write_text(yaml.safe_dump({"trainer": {"callbacks": [every_2]}}))
-    cli = main(
+    cli = create_cli(
         ["fit", *_quickstart(tmp_path, "--config", str(resumed), "--trainer.max_steps=4"), "--ckpt_path=last"]
     )
     assert Path(cli.trainer.ckpt_path).resolve() == last.resolve()
@@ -280,7 +278,7 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
 def test_quickstart_reaches_95_percent(tmp_path: Path) -> None:
     """The README's main command, for real: about 1.5 CPU-minutes on an idle core."""
     torch.set_num_threads(1)
-    cli = main(
+    cli = create_cli(
         [
             "fit",
             "--config",
@@ -293,3 +291,100 @@ def test_quickstart_reaches_95_percent(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoints" / "best.ckpt").is_file() and (
         tmp_path / "checkpoints" / "last.ckpt"
     ).is_file()
+
+
+# ------------------------------------------------------------------------ installed console scripts
+
+
+def _script(name: str) -> str:
+    """The installed console script ``name``, next to the running interpreter."""
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        pytest.skip(f"{name} is not installed next to {sys.executable}")
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["vmamba-train", "vmamba-predict", "vmamba-export"])
+def test_console_scripts_help_shows_defaults(name: str) -> None:
+    args = [_script(name)] + (["fit", "--help"] if name == "vmamba-train" else ["--help"])
+    proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "default" in proc.stdout
+    if name == "vmamba-predict":
+        assert "(default: 32)" in proc.stdout and "--slide-window" in proc.stdout
+
+
+def test_console_scripts_exit_status(tmp_path: Path) -> None:
+    """0 after a completed fit (with the best score and checkpoint named), 2 for bad arguments."""
+    cmd = [_script("vmamba-train"), "fit", *_quickstart(tmp_path, "--trainer.max_steps=2")]
+    cmd += ["--trainer.limit_val_batches=1", "--trainer.limit_train_batches=2", "--trainer.max_epochs=1"]
+    proc = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "best val_acc" in proc.stdout and "checkpoints/best.ckpt" in proc.stdout
+    assert not list((tmp_path / "checkpoints").glob("*step=*"))  # names without step-step=
+    proc = subprocess.run([_script("vmamba-predict")], env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "no input given" in proc.stderr
+
+
+INTERRUPT = """
+import os
+import signal
+from lightning.pytorch.callbacks import Callback
+
+
+class CtrlC(Callback):
+    \"\"\"Sends SIGINT to its own process after optimizer step ``step``, as Ctrl-C in a terminal would.\"\"\"
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+"""
+
+
+@pytest.mark.slow  # a spawned training process: ~15 s idle
+def test_ctrl_c_in_training_exits_130_with_a_resume_hint(tmp_path: Path) -> None:
+    (tmp_path / "ctrlc.py").write_text(INTERRUPT)
+    every_2 = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"every_n_train_steps": 2, "save_last": True},
+    }
+    stop = {"class_path": "ctrlc.CtrlC", "init_args": {"step": 3}}
+    config = tmp_path / "ctrlc.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [every_2, stop]}}))
+    cmd = [_script("vmamba-train"), "fit", *_quickstart(tmp_path, "--config", str(config))]
+    env = dict(ENV, PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("vmamba-train: interrupted")]
+    assert "checkpoints/last.ckpt (step 2)" in line and "--ckpt_path last" in line
+    assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_in_predict_exits_130_with_a_resume_hint(tmp_path: Path, monkeypatch, capsys) -> None:
+    import vmamba.predict
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vmamba.predict, "_run_classification", interrupted)
+    monkeypatch.setattr(vmamba.predict, "load_model_from_args", lambda args, prog: _FakeLoaded())
+    assert vmamba.predict.main([str(tmp_path), "--results-dir", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0] and str(tmp_path / "out") in err[0]
+
+
+class _FakeLoaded:
+    """Just enough of a LoadedModel for the run loop to start."""
+
+    task = "classification"
+    data_config = {"task": "classification", "input_size": [3, 8, 8], "mean": [0.5] * 3, "std": [0.5] * 3}
+
+    class model:  # noqa: N801
+        @staticmethod
+        def to(device):
+            return None

@@ -15,7 +15,7 @@ import timm
 import torch
 
 from vmamba.export import check_onnx, main, read_onnx_metadata
-from vmamba.predict import load_model
+from vmamba.loading import load_model
 from vmamba.predict import main as predict_main
 
 VIM_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32}
@@ -49,7 +49,11 @@ def test_export_classification(vim_ckpt: Path, tmp_path: Path, capsys) -> None:
     assert "onnxruntime matches PyTorch" in capsys.readouterr().out
     assert sorted(p.name for p in out.parent.iterdir()) == ["vim.onnx"]  # no temporary file left
     meta = read_onnx_metadata(out)
-    assert meta["task"] == "cls" and meta["class_names"] == CLASS_NAMES and meta["input_size"] == [3, 32, 32]
+    assert (
+        meta["task"] == "classification"
+        and meta["class_names"] == CLASS_NAMES
+        and meta["input_size"] == [3, 32, 32]
+    )
 
     # Dynamic batch: a batch of 5 through onnxruntime matches the PyTorch model loaded by vmamba-predict.
     model = load_model(checkpoint=str(vim_ckpt)).model
@@ -76,6 +80,12 @@ def test_export_segmentation_via_predict_entry(tmp_path: Path, capsys) -> None:
     model = create_segmentation_model("test_resnet", 4, decoder="fpn", **kwargs)
     ckpt = tmp_path / "seg.ckpt"
     hparams = {"backbone": "test_resnet", "decoder": "fpn", "num_classes": 4, "decoder_kwargs": kwargs}
+    hparams["data_config"] = {
+        "task": "segmentation",
+        "input_size": [3, 32, 32],
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    }
     torch.save(
         {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hparams},
         ckpt,
@@ -83,7 +93,7 @@ def test_export_segmentation_via_predict_entry(tmp_path: Path, capsys) -> None:
     out = tmp_path / "seg.onnx"
     assert predict_main(["export", "--checkpoint", str(ckpt), "--crop-size", "32", "48", "-o", str(out)]) == 0
     meta = read_onnx_metadata(out)
-    assert meta["task"] == "seg" and meta["input_size"] == [3, 32, 48] and meta["num_classes"] == 4
+    assert meta["task"] == "segmentation" and meta["input_size"] == [3, 32, 48] and meta["num_classes"] == 4
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 48)).astype(np.float32)
     (got,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})
     assert got.shape == (1, 4, 32, 48)

@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from vmamba.imageio import (
     ImageReadError,
@@ -25,7 +25,10 @@ from vmamba.imageio import (
     read_path_list,
     safe_relative_path,
 )
-from vmamba.predict import ModelLoadError, collect_inputs, load_model, main, segmentation_palette
+from vmamba.loading import ModelLoadError, load_model
+from vmamba.predict import collect_inputs, main
+from vmamba.preprocess import EvalPreprocess
+from vmamba.writers import segmentation_palette
 
 CLASS_NAMES = ["cat", "dog", "bird"]
 CLS_KWARGS = {"img_size": 32}
@@ -93,6 +96,7 @@ def cls_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "class_names": CLASS_NAMES,
         "model_kwargs": CLS_KWARGS,
         "data_config": {
+            "task": "classification",
             "input_size": [3, 32, 32],
             "mean": [0.5, 0.5, 0.5],
             "std": [0.25, 0.25, 0.25],
@@ -121,6 +125,12 @@ def seg_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "class_names": [f"c{i}" for i in range(SEG_CLASSES)],
         "backbone_kwargs": {},
         "decoder_kwargs": kwargs,
+        "data_config": {
+            "task": "segmentation",
+            "input_size": [3, 32, 32],
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+        },
     }
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
@@ -205,13 +215,10 @@ def test_classification_csv(image_dir: Path, cls_ckpt: Path, tmp_path: Path, cap
     assert "corrupt.jpg" in captured.err
 
     # The probabilities are those of the network on the checkpoint's preprocessing.
-    from timm.data import create_transform
-
-    transform = create_transform(
-        input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0, interpolation="bilinear"
-    )
+    cfg = load_model(checkpoint=str(cls_ckpt)).data_config
+    x = EvalPreprocess(cfg)(image=np.asarray(load_image(image_dir / "gray.png")))["image"]
     with torch.no_grad():
-        probs = _timm_classifier()(transform(load_image(image_dir / "gray.png"))[None]).softmax(-1)[0]
+        probs = _timm_classifier()(x[None]).softmax(-1)[0]
     row = next(r for r in rows if r["filename"] == "gray.png")
     assert row["label_0"] == CLASS_NAMES[int(probs.argmax())]
     assert float(row["prob_0"]) == pytest.approx(float(probs.max()), abs=1e-5)
@@ -286,21 +293,28 @@ def test_exit_codes(image_dir: Path, cls_ckpt: Path, tmp_path: Path, capsys) -> 
 def test_checkpoint_loading_is_safe_and_strict(cls_ckpt: Path, tmp_path: Path) -> None:
     unsafe = tmp_path / "unsafe.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"model": "test_vit"}, "obj": _Payload()}, unsafe)
-    with pytest.raises(ModelLoadError, match="weights_only"):
+    _Payload.constructed = 0
+    with pytest.raises(ModelLoadError, match="no num_classes"):  # read, with the object as an inert stand-in
         load_model(checkpoint=str(unsafe))
+    assert _Payload.constructed == 0  # none of the pickled class's code ran
     ckpt = torch.load(cls_ckpt, weights_only=True)
     ckpt["state_dict"]["model.extra.weight"] = torch.zeros(1)
     ckpt["state_dict"].pop("model.head.bias")
     broken = tmp_path / "broken.ckpt"
     torch.save(ckpt, broken)
-    with pytest.raises(ModelLoadError, match=r"missing keys: head\.bias.*unexpected keys: extra\.weight"):
+    with pytest.raises(ModelLoadError, match=r"(?s)missing keys.*head\.bias.*unexpected keys.*extra\.weight"):
         load_model(checkpoint=str(broken))
-    with pytest.raises(ModelLoadError, match="--task seg"):
+    with pytest.raises(ModelLoadError, match="--task segmentation"):
         load_model(checkpoint=str(cls_ckpt), task="seg")
 
 
 class _Payload:
-    """An arbitrary pickled object that weights_only loading must refuse."""
+    """An arbitrary pickled object: weights_only loading must never run its code."""
+
+    constructed = 0
+
+    def __setstate__(self, state: dict) -> None:
+        type(self).constructed += 1
 
 
 def test_model_name_with_weights_and_save_for_hf(image_dir: Path, cls_ckpt: Path, tmp_path: Path) -> None:
@@ -349,10 +363,10 @@ def test_collect_inputs_rejects_missing(tmp_path: Path) -> None:
 def test_segmentation_masks_overlays_resume(image_dir: Path, seg_ckpt: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "seg out"
     args = [str(image_dir), "--checkpoint", str(seg_ckpt), "--results-dir", str(out), "-j", "0"]
-    assert main(args + ["--crop-size", "32", "--stride", "24", "--overlay"]) == 0
+    assert main(args + ["--slide-window", "32", "--slide-stride", "24", "--overlay"]) == 0
     masks = sorted(str(p.relative_to(out / "masks").as_posix()) for p in (out / "masks").rglob("*.png"))
     expected = {key: key.rsplit(".", 1)[0] + ".png" for key in GOOD_KEYS}
-    expected["good/a.jpg"], expected["good/a.png"] = "good/a.jpg.png", "good/a.png.png"  # name clash
+    expected["good/a.png"] = "good/a.png.png"  # the name clash: good/a.jpg came first and took good/a.png
     assert masks == sorted(expected.values())
     for key, name in expected.items():
         mask = Image.open(out / "masks" / name)
@@ -363,17 +377,18 @@ def test_segmentation_masks_overlays_resume(image_dir: Path, seg_ckpt: Path, tmp
     assert [e["filename"] for e in _read_csv(out / "errors.csv")] == CORRUPT_KEYS
 
     # The mask is the argmax of the sliding-window logits.
-    from vmamba.predict import _SegmentationTransform
     from vmamba.seg.inference import predict_sliding
 
     loaded = load_model(checkpoint=str(seg_ckpt))
-    x = _SegmentationTransform(loaded.data_config, None)(load_image(image_dir / "rgba.png"))[None]
+    x = EvalPreprocess(loaded.data_config)(image=np.asarray(load_image(image_dir / "rgba.png")))["image"][
+        None
+    ]
     reference = predict_sliding(loaded.model, x, 32, 24).argmax(1)[0].numpy()
     np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / "rgba.png")), reference)
 
     capsys.readouterr()
     (out / "masks" / "gray.png").unlink()
-    assert main(args + ["--crop-size", "32", "--overlay", "--resume"]) == 0
+    assert main(args + ["--crop-size", "32", "--overlay", "--resume"]) == 0  # the old flag names still work
     assert "Processed 1 images, skipped 9 (2 failed, 7 already done)" in capsys.readouterr().out
     assert (out / "masks" / "gray.png").is_file()
 
@@ -422,6 +437,7 @@ def test_task_checkpoints(image_dir: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     vim_kwargs = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32}
     data_config = {
+        "task": "classification",
         "input_size": [3, 32, 32],
         "mean": [0.5] * 3,
         "std": [0.5] * 3,
@@ -432,19 +448,18 @@ def test_task_checkpoints(image_dir: Path, tmp_path: Path) -> None:
     cls_task = ClassificationTask(
         "vim_tiny_patch16_224", 3, CLASS_NAMES, model_kwargs=vim_kwargs, data_config=data_config
     )
-    cls_data = DataLoader(TensorDataset(torch.randn(2, 3, 32, 32), torch.tensor([0, 1])), batch_size=2)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    cls_data = DataLoader([{"image": images[i], "label": labels[i]} for i in range(2)], batch_size=2)
     cls_ckpt = _fit_and_save(cls_task, cls_data, tmp_path / "c.ckpt")
     loaded = load_model(checkpoint=str(cls_ckpt))
-    assert loaded.task == "cls" and loaded.class_names == CLASS_NAMES and loaded.grayscale
+    assert loaded.task == "classification" and loaded.class_names == CLASS_NAMES
+    assert loaded.data_config["grayscale"] is True
     out = tmp_path / "cls"
     assert main([str(image_dir), "--checkpoint", str(cls_ckpt), "--results-dir", str(out), "-j", "0"]) == 0
     row = {r["filename"]: r for r in _read_csv(out / "vim_tiny_patch16_224-32.csv")}["good/a.png"]
-    from timm.data import create_transform
-
-    transform = create_transform(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
-    gray = load_image(image_dir / "good" / "a.png").convert("L").convert("RGB")
+    x = EvalPreprocess(data_config)(image=np.asarray(load_image(image_dir / "good" / "a.png")))["image"]
     with torch.no_grad():
-        probs = cls_task.model.eval()(transform(gray)[None]).softmax(-1)[0]
+        probs = cls_task.model.eval()(x[None]).softmax(-1)[0]
     assert float(row["prob"]) == pytest.approx(float(probs.max()), abs=1e-5)
 
     seg_task = SegmentationTask(
@@ -454,11 +469,12 @@ def test_task_checkpoints(image_dir: Path, tmp_path: Path) -> None:
     seg_data = DataLoader([{"image": images[i], "mask": masks[i]} for i in range(2)], batch_size=2)
     seg_ckpt = _fit_and_save(seg_task, seg_data, tmp_path / "s.ckpt")
     loaded = load_model(checkpoint=str(seg_ckpt))
-    assert loaded.task == "seg" and loaded.crop_size == (24, 24) and loaded.model.aux_head is not None
+    assert loaded.task == "segmentation" and loaded.slide_window == 24 and loaded.slide_stride == 16
+    assert loaded.model.aux_head is not None
     out = tmp_path / "seg"
     assert main([str(image_dir), "--checkpoint", str(seg_ckpt), "--results-dir", str(out), "-j", "0"]) == 0
-    from vmamba.predict import _SegmentationTransform
-
-    x = _SegmentationTransform(loaded.data_config, None)(load_image(image_dir / "gray.png"))[None]
+    x = EvalPreprocess(loaded.data_config)(image=np.asarray(load_image(image_dir / "gray.png")))["image"][
+        None
+    ]
     reference = predict_sliding(seg_task.model.eval(), x, 24, 16).argmax(1)[0].numpy()
     np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / "gray.png")), reference)

@@ -1,11 +1,11 @@
 """Export a trained classification or segmentation model to ONNX and check it with onnxruntime.
 
-Run it as ``vmamba-predict export ...`` or ``python -m vmamba.export ...``::
+Run it as ``vmamba-export ...`` (also ``vmamba-predict export ...`` or ``python -m vmamba.export ...``)::
 
-    vmamba-predict export --checkpoint run/best.ckpt -o model.onnx
-    vmamba-predict export -m vim_tiny_patch16_224 --checkpoint vim_t.pth -o vim_t.onnx --num-classes 1000
+    vmamba-export --checkpoint run/best.ckpt -o model.onnx
+    vmamba-export -m vim_tiny_patch16_224 --checkpoint vim_t.pth -o vim_t.onnx --num-classes 1000
 
-The model is loaded exactly as ``vmamba-predict`` loads it (Lightning checkpoint, timm name plus weights, or a
+The model is loaded exactly as ``vmamba-predict`` loads it (:mod:`vmamba.loading` (Lightning checkpoint, timm name plus weights, or a
 ``save_for_hf`` folder). The graph takes ``input`` (N, 3, H, W) normalised images and returns ``logits``:
 (N, num_classes) for classification, (N, num_classes, H, W) for segmentation. The batch dimension is dynamic;
 H and W are fixed at the classification input size or the segmentation crop size (run sliding windows of that
@@ -32,23 +32,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from vmamba.predict import LoadedModel, _as_size, _load_model_from_args, _ParseKwargs
+from vmamba.contract import as_hw
+from vmamba.loading import LoadedModel, add_model_arguments, load_model_from_args
 
 __all__ = ["build_parser", "check_onnx", "export_input_size", "export_onnx", "main", "read_onnx_metadata"]
 
 
 def export_input_size(
-    loaded: LoadedModel, img_size: int | None = None, crop_size: Sequence[int] | None = None
+    loaded: LoadedModel, img_size: int | None = None, slide_window: Sequence[int] | None = None
 ) -> tuple[int, int, int]:
-    """The ``(C, H, W)`` the graph is traced at: the classification input size or the segmentation crop size."""
+    """The ``(C, H, W)`` the graph is traced at: the classification input size, or the segmentation window
+    (``slide_window``, else the task's, else the training crop)."""
     channels = int(loaded.data_config["input_size"][0])
-    if loaded.task == "seg":
-        size = _as_size(crop_size) or loaded.crop_size or _as_size(img_size)
-        if size is None:
-            size = _as_size(loaded.data_config["input_size"])
+    if loaded.task == "segmentation":
+        size = as_hw(slide_window) or as_hw(loaded.slide_window) or as_hw(img_size)
     else:
-        size = _as_size(img_size) or _as_size(loaded.data_config["input_size"])
-    return (channels, *size)
+        size = as_hw(img_size)
+    return (channels, *(size or as_hw(loaded.data_config["input_size"])))
 
 
 def _metadata(loaded: LoadedModel, input_size: tuple[int, int, int]) -> dict[str, str]:
@@ -64,6 +64,7 @@ def _metadata(loaded: LoadedModel, input_size: tuple[int, int, int]) -> dict[str
         "vmamba.std": json.dumps([float(v) for v in cfg["std"]]),
         "vmamba.interpolation": str(cfg.get("interpolation", "")),
         "vmamba.crop_pct": str(cfg.get("crop_pct", "")),
+        "vmamba.data_config": json.dumps(cfg),
     }
 
 
@@ -141,22 +142,17 @@ def check_onnx(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``vmamba-predict export`` argument parser (model flags as in ``vmamba-predict``)."""
+    """The ``vmamba-export`` argument parser (model flags as in ``vmamba-predict``)."""
     parser = argparse.ArgumentParser(
-        prog="vmamba-predict export",
+        prog="vmamba-export",
         description="Export a trained model to ONNX and check it with onnxruntime.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", "-m", help="timm model name, 'local-dir:PATH' or a save_for_hf folder")
-    parser.add_argument("--checkpoint", help="Lightning .ckpt of vmamba.tasks, or a weights file for --model")
-    parser.add_argument("--pretrained", action="store_true", help="use timm's registered weights for --model")
-    parser.add_argument("--task", choices=("cls", "seg"), help="default: from the checkpoint, else cls")
-    parser.add_argument("--num-classes", type=int, help="number of classes (default: from the weights)")
-    parser.add_argument("--class-map", help="text file with one class name per line (stored as metadata)")
-    parser.add_argument(
-        "--model-kwargs", nargs="*", default={}, action=_ParseKwargs, help="extra create_model k=v"
-    )
+    add_model_arguments(parser)
     parser.add_argument("--img-size", type=int, help="classification input size (default: the model's)")
-    parser.add_argument("--crop-size", type=int, nargs="+", help="segmentation window size H [W]")
+    parser.add_argument(
+        "--slide-window", "--crop-size", type=int, nargs="+", help="segmentation window size H [W]"
+    )
     parser.add_argument("--output", "-o", help="ONNX file to write (default: {model}-{H}x{W}.onnx)")
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size at 1")
@@ -167,15 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``vmamba-predict export`` / ``python -m vmamba.export``; returns the exit code.
+    """Entry point of ``vmamba-export`` / ``vmamba-predict export`` / ``python -m vmamba.export``; returns
+    the exit code.
 
-    0: written and checked; 1: export or check failed (nothing written); 2: the model could not be loaded.
+    0: written and checked; 1: export or check failed (nothing written); 2: the model could not be loaded;
+    130: interrupted (nothing written).
     """
     args = build_parser().parse_args(argv)
-    loaded = _load_model_from_args(args, "vmamba-predict export")
+    try:
+        return _export(args)
+    except KeyboardInterrupt:
+        print("\nvmamba-export: interrupted; nothing was written (run the command again)", file=sys.stderr)
+        return 130
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Load, export, check and write; returns the exit code (see :func:`main`)."""
+    loaded = load_model_from_args(args, "vmamba-export")
     if loaded is None:
         return 2
-    input_size = export_input_size(loaded, args.img_size, args.crop_size)
+    input_size = export_input_size(loaded, args.img_size, args.slide_window)
     output = Path(args.output or f"{loaded.name}-{input_size[1]}x{input_size[2]}.onnx")
     start = time.perf_counter()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -190,10 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = f"onnxruntime matches PyTorch (max |diff| {max_diff:.2e})"
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, output)
-    except Exception as error:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
-        print(f"vmamba-predict export: error: {type(error).__name__}: {error}", file=sys.stderr)
+        if isinstance(error, KeyboardInterrupt):
+            raise
+        print(f"vmamba-export: error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
     print(f"Wrote {output} ({loaded.task}, input {list(input_size)}; {message}) in {seconds:.1f} s.")

@@ -1,9 +1,12 @@
-"""Robust image reading, input discovery and crash-safe file writing for inference.
+"""The one image reader of vmamba: decoding, input discovery and crash-safe file writing.
 
-The inference script (``vmamba.predict``) runs over folders that nobody cleaned: JPEGs rotated by their EXIF
-tag, grayscale scans, PNGs with alpha, 16-bit microscopy or depth images, half-downloaded files. Everything here
-turns such a file into an 8-bit RGB :class:`PIL.Image.Image` or raises :class:`ImageReadError` with the path and
-the reason, so that a caller can report the file and go on.
+Training, validation, ``train.py predict`` and ``vmamba-predict`` all read images through
+:func:`load_image` / :func:`read_rgb` and list folders with :func:`find_images` (one list of extensions,
+:data:`IMAGE_EXTENSIONS`), so the same file gives the same pixels everywhere. Folders that nobody cleaned
+hold JPEGs rotated by their EXIF tag, grayscale scans, PNGs with alpha or a palette, 16-bit microscopy or
+depth images, half-downloaded files. Everything here turns such a file into 8-bit RGB (EXIF orientation
+applied, alpha dropped, palettes expanded, gray replicated, 16-bit scaled by ``255 / 65535``) or raises
+:class:`ImageReadError` with the path and the reason, so that a caller can report the file and go on.
 
 Writes go through :func:`atomic_write`: the bytes land in a temporary file in the destination folder, are
 flushed to disk, and only then replace the destination, so a crash never leaves half a CSV or PNG behind.
@@ -28,6 +31,7 @@ __all__ = [
     "find_images",
     "is_image_file",
     "load_image",
+    "read_rgb",
     "read_path_list",
     "safe_relative_path",
     "to_rgb",
@@ -129,6 +133,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageReadError(f"{path}: image too large ({error})") from error
     except (OSError, SyntaxError, ValueError, TypeError, MemoryError) as error:
         raise ImageReadError(f"{path}: cannot decode image ({type(error).__name__}: {error})") from error
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read ``path`` as an ``(H, W, 3)`` uint8 RGB array, decoded exactly as :func:`load_image` decodes it.
+
+    The one reader of training, validation and inference images; raises :class:`ImageReadError`.
+    """
+    return np.asarray(load_image(path))
 
 
 def find_images(root: str | os.PathLike) -> list[PurePosixPath]:

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from vmamba.data import DigitsDataModule
+from vmamba.data import DigitsDataModule, ShapesDataModule
 from vmamba.tasks import ClassificationTask
 
 TINY_VIM = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32}
@@ -49,6 +49,22 @@ def test_default_data_config_and_errors() -> None:
     task = _task()
     cfg = task.hparams["data_config"]
     assert cfg["input_size"] == [3, 16, 16] and len(cfg["mean"]) == 3 and isinstance(cfg["mean"], list)
+    # The contract's keys only: no hub metadata borrowed from the ImageNet pretrained cfg.
+    assert set(cfg) == {
+        "task",
+        "input_size",
+        "mean",
+        "std",
+        "grayscale",
+        "interpolation",
+        "crop_pct",
+        "crop_mode",
+    }
+    assert cfg["task"] == "classification"
+    with pytest.raises(ValueError, match="segmentation data_config"):
+        _task(data_config=ShapesDataModule().data_config)
+    with pytest.raises(ValueError, match="missing"):
+        _task(data_config={"input_size": [3, 16, 16]})
     with pytest.raises(ValueError, match="Unknown model"):
         ClassificationTask("no_such_model_xyz", num_classes=2)
     with pytest.raises(ValueError, match="class_names"):
@@ -66,10 +82,8 @@ def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
 
 
 def test_checkpoint_holds_the_inference_contract(tmp_path: Path) -> None:
-    task = _task(
-        class_names=[str(i) for i in range(10)], data_config={"input_size": (3, 16, 16), "grayscale": True}
-    )
     dm = DigitsDataModule(img_size=16, batch_size=8)
+    task = _task(class_names=[str(i) for i in range(10)], data_config=dm.data_config)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=2,
@@ -85,7 +99,8 @@ def test_checkpoint_holds_the_inference_contract(tmp_path: Path) -> None:
     hp = ckpt["hyper_parameters"]
     assert hp["model"] == "vim_tiny_patch16_224" and hp["num_classes"] == 10
     assert hp["model_kwargs"] == TINY_VIM and hp["class_names"][3] == "3"
-    assert hp["data_config"] == {"input_size": [3, 16, 16], "grayscale": True}
+    assert hp["data_config"] == dm.data_config
+    assert hp["data_config"]["input_size"] == [3, 16, 16] and hp["data_config"]["grayscale"] is True
     assert all(k.startswith("model.") for k in ckpt["state_dict"])
     restored = ClassificationTask.load_from_checkpoint(tmp_path / "c.ckpt", weights_only=True)
     x = torch.randn(2, 3, 16, 16)

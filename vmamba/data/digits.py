@@ -21,13 +21,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vmamba.contract import classification_data_config
 from vmamba.data.base import BaseDataModule, split_indices
-from vmamba.data.transforms import (
-    TransformSpec,
-    build_transform,
-    classification_eval_transform,
-    classification_train_transform,
-)
+from vmamba.data.transforms import TransformSpec, build_transform, classification_train_transform
+from vmamba.preprocess import EvalPreprocess
 
 __all__ = ["DIGITS_MEAN", "DIGITS_STD", "DigitsDataModule", "DigitsDataset", "load_digits_arrays"]
 
@@ -121,12 +118,7 @@ class DigitsDataModule(BaseDataModule):
                 std=DIGITS_STD,
             ),
         )
-        self.val_transform = build_transform(
-            val_transform,
-            classification_eval_transform(
-                img_size, crop_pct=1.0, interpolation="bilinear", mean=DIGITS_MEAN, std=DIGITS_STD
-            ),
-        )
+        self.val_transform = build_transform(val_transform, EvalPreprocess(self.data_config))
 
     @property
     def num_classes(self) -> int:
@@ -138,16 +130,9 @@ class DigitsDataModule(BaseDataModule):
 
     @property
     def data_config(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "input_size": [3, self.img_size, self.img_size],
-            "interpolation": "bilinear",
-            "mean": list(DIGITS_MEAN),
-            "std": list(DIGITS_STD),
-            "crop_pct": 1.0,
-            "crop_mode": "center",
-            "grayscale": True,
-        }
+        return classification_data_config(
+            self.img_size, DIGITS_MEAN, DIGITS_STD, interpolation="bilinear", crop_pct=1.0, grayscale=True
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Load the bundled arrays and build the fixed split."""

@@ -25,30 +25,27 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
+from vmamba.contract import classification_data_config, segmentation_data_config
 from vmamba.data.base import BaseDataModule, split_indices
 from vmamba.data.transforms import (
     TransformSpec,
     build_transform,
-    classification_eval_transform,
     classification_train_transform,
-    segmentation_eval_transform,
     segmentation_train_transform,
 )
+from vmamba.imageio import IMAGE_EXTENSIONS, ImageReadError, find_images, read_rgb
+from vmamba.preprocess import EvalPreprocess
 
 __all__ = [
-    "IMG_EXTENSIONS",
     "ImageFolderDataModule",
     "ImageListDataset",
     "SegmentationFolderDataModule",
     "SegmentationPairsDataset",
-    "find_images",
     "load_mask",
-    "load_rgb",
     "scan_class_folders",
     "scan_segmentation_folder",
 ]
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _MAX_LISTED = 10
 
 
@@ -67,19 +64,10 @@ def _require_dir(path: str | Path, what: str) -> Path:
     return p
 
 
-def find_images(folder: str | Path) -> list[Path]:
-    """All image files under ``folder`` (recursive, sorted), by extension."""
-    root = Path(folder)
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to an ``(H, W, 3)`` uint8 array; RuntimeError naming the file if it cannot."""
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        raise RuntimeError(f"Cannot read image {str(path)!r}: {err}") from err
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted, hidden names skipped), as :func:`vmamba.imageio.find_images`
+    lists them, joined to ``folder``."""
+    return [folder / rel for rel in find_images(folder)]
 
 
 def load_mask(
@@ -123,14 +111,18 @@ def load_mask(
     return mask
 
 
+def _sample_id(path: Path, root: Path | None) -> str:
+    """The name of a predicted file in the results: its POSIX path relative to ``root`` (else the full path)."""
+    return path.relative_to(root).as_posix() if root is not None else str(path)
+
+
 def _check_readable(paths: list[Path], skip_invalid: bool) -> list[Path]:
     """Decode every image; return the readable ones, or raise listing the unreadable ones."""
     bad = []
     for p in paths:
         try:
-            with Image.open(p) as img:
-                img.convert("RGB")
-        except Exception as err:
+            read_rgb(p)
+        except ImageReadError as err:
             bad.append((p, err))
     if not bad:
         return paths
@@ -156,7 +148,7 @@ def scan_class_folders(
     root = _require_dir(root, "Image folder")
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
-        loose = find_images(root)
+        loose = _image_files(root)
         hint = (
             f" (it holds {len(loose)} loose image(s): put them in one subfolder per class)" if loose else ""
         )
@@ -171,14 +163,14 @@ def scan_class_folders(
     samples: list[tuple[Path, int]] = []
     empty = []
     for name in found:
-        files = find_images(root / name)
+        files = _image_files(root / name)
         if not files:
             empty.append(name)
         samples += [(f, index[name]) for f in files]
     if empty:
         raise ValueError(
             f"Class folder(s) without images in {str(root)!r}: {empty} "
-            f"(extensions: {', '.join(IMG_EXTENSIONS)})."
+            f"(extensions: {', '.join(IMAGE_EXTENSIONS)})."
         )
     return list(classes), samples
 
@@ -195,15 +187,15 @@ def scan_segmentation_folder(
     """
     folder = _require_dir(folder, "Segmentation folder")
     image_dir = _require_dir(folder / image_dirname, "Image folder")
-    images = {p.relative_to(image_dir).with_suffix(""): p for p in find_images(image_dir)}
+    images = {p.relative_to(image_dir).with_suffix(""): p for p in _image_files(image_dir)}
     if not images:
-        raise ValueError(f"No images in {str(image_dir)!r} (extensions: {', '.join(IMG_EXTENSIONS)}).")
+        raise ValueError(f"No images in {str(image_dir)!r} (extensions: {', '.join(IMAGE_EXTENSIONS)}).")
     mask_dir = folder / mask_dirname
     if not mask_dir.is_dir():
         if require_masks:
             raise ValueError(f"Mask folder {str(mask_dir)!r} does not exist.")
         return [(p, None) for p in images.values()]
-    masks = {p.relative_to(mask_dir).with_suffix(""): p for p in find_images(mask_dir)}
+    masks = {p.relative_to(mask_dir).with_suffix(""): p for p in _image_files(mask_dir)}
     orphans = sorted(str(masks[k]) for k in masks.keys() - images.keys())
     if orphans:
         raise ValueError(
@@ -221,7 +213,8 @@ class ImageListDataset(Dataset):
     Args:
         samples: ``(path, label)`` pairs.
         transform: albumentations pipeline applied to the ``(H, W, 3)`` uint8 image.
-        predict: return ``{"image", "id"}`` (the path) instead of ``{"image", "label"}``.
+        predict: return ``{"image", "id"}`` instead of ``{"image", "label"}``; the id is the path relative
+            to ``root`` (POSIX), or the full path without ``root``.
         skip_invalid: if an image cannot be read at load time, warn and return the next readable sample
             instead of raising.
     """
@@ -232,11 +225,13 @@ class ImageListDataset(Dataset):
         transform: A.BaseCompose,
         predict: bool = False,
         skip_invalid: bool = False,
+        root: Path | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.predict = predict
         self.skip_invalid = skip_invalid
+        self.root = root
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -245,15 +240,15 @@ class ImageListDataset(Dataset):
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                image = load_rgb(path)
-            except RuntimeError as err:
+                image = read_rgb(path)
+            except ImageReadError as err:
                 if not self.skip_invalid:
                     raise
                 warnings.warn(f"{err}; using the next sample instead.", stacklevel=2)
                 continue
             tensor = self.transform(image=image)["image"]
             if self.predict:
-                return {"image": tensor, "id": str(path)}
+                return {"image": tensor, "id": _sample_id(path, self.root)}
             return {"image": tensor, "label": torch.tensor(label, dtype=torch.long)}
         raise RuntimeError("No readable image in the dataset.")
 
@@ -265,7 +260,8 @@ class SegmentationPairsDataset(Dataset):
         pairs: ``(image, mask)`` paths (``mask`` may be ``None`` with ``predict=True``).
         transform: albumentations pipeline applied to image and mask together.
         palette, reduce_zero_label, ignore_index: how masks are decoded, see :func:`load_mask`.
-        predict: return ``{"image", "id"}`` (the image path) instead of ``{"image", "mask"}``.
+        predict: return ``{"image", "id"}`` instead of ``{"image", "mask"}`` (id as in
+            :class:`ImageListDataset`, relative to ``root``).
     """
 
     def __init__(
@@ -276,7 +272,9 @@ class SegmentationPairsDataset(Dataset):
         reduce_zero_label: bool = False,
         ignore_index: int = 255,
         predict: bool = False,
+        root: Path | None = None,
     ) -> None:
+        self.root = root
         self.pairs = list(pairs)
         self.transform = transform
         self.palette = palette
@@ -292,9 +290,9 @@ class SegmentationPairsDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_path, mask_path = self.pairs[index]
-        image = load_rgb(image_path)
+        image = read_rgb(image_path)
         if self.predict:
-            return {"image": self.transform(image=image)["image"], "id": str(image_path)}
+            return {"image": self.transform(image=image)["image"], "id": _sample_id(image_path, self.root)}
         mask = self._mask(mask_path)
         if mask.shape != image.shape[:2]:
             raise RuntimeError(
@@ -398,9 +396,7 @@ class ImageFolderDataModule(BaseDataModule):
                 std=std,
             ),
         )
-        self.val_transform = build_transform(
-            val_transform, classification_eval_transform(img_size, crop_pct, interpolation, mean, std)
-        )
+        self.val_transform = build_transform(val_transform, EvalPreprocess(self.data_config))
         self._classes: list[str] | None = None
 
     @property
@@ -423,16 +419,9 @@ class ImageFolderDataModule(BaseDataModule):
 
     @property
     def data_config(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "input_size": [3, self.img_size, self.img_size],
-            "interpolation": self.interpolation,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "crop_pct": self.crop_pct,
-            "crop_mode": "center",
-            "grayscale": False,
-        }
+        return classification_data_config(
+            self.img_size, self.mean, self.std, self.interpolation, self.crop_pct, crop_mode="center"
+        )
 
     def _labelled(self, folder: str) -> list[tuple[Path, int]]:
         """Scanned (and optionally verified) samples of a labelled folder using the training classes."""
@@ -466,11 +455,13 @@ class ImageFolderDataModule(BaseDataModule):
             self.test_dataset = ImageListDataset(self._labelled(self.test_dir), self.val_transform, **ds)
         if stage in (None, "predict") and self.predict_dir is not None and self.predict_dataset is None:
             root = _require_dir(self.predict_dir, "predict_dir")
-            files = find_images(root)
+            files = _image_files(root)
             if not files:
                 raise ValueError(f"predict_dir {str(root)!r} contains no images.")
             samples = self._verified([(p, -1) for p in files])
-            self.predict_dataset = ImageListDataset(samples, self.val_transform, predict=True, **ds)
+            self.predict_dataset = ImageListDataset(
+                samples, self.val_transform, predict=True, root=root, **ds
+            )
 
 
 class SegmentationFolderDataModule(BaseDataModule):
@@ -578,7 +569,7 @@ class SegmentationFolderDataModule(BaseDataModule):
                 crop_size, base_size, scale_range, hflip, color_jitter, ignore_index, mean, std
             ),
         )
-        self.val_transform = build_transform(val_transform, segmentation_eval_transform(base_size, mean, std))
+        self.val_transform = build_transform(val_transform, EvalPreprocess(self.data_config))
 
     @property
     def num_classes(self) -> int:
@@ -590,16 +581,9 @@ class SegmentationFolderDataModule(BaseDataModule):
 
     @property
     def data_config(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "input_size": [3, self.crop_size, self.crop_size],
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "base_size": self.base_size,
-            "ignore_index": self.ignore_index,
-            "palette": self.palette,
-            "grayscale": False,
-        }
+        return segmentation_data_config(
+            self.crop_size, self.mean, self.std, self.base_size, self.ignore_index, self.palette
+        )
 
     def _pairs(self, folder: str) -> list[tuple[Path, Path | None]]:
         """Scanned and (optionally) verified pairs of a labelled folder."""
@@ -615,11 +599,10 @@ class SegmentationFolderDataModule(BaseDataModule):
         keep = []
         for image_path, mask_path in pairs:
             try:
-                with Image.open(image_path) as img:
-                    size = img.size
-                    img.convert("RGB")
+                height, width = read_rgb(image_path).shape[:2]
+                size = (width, height)
                 mask = load_mask(mask_path, self.palette, self.reduce_zero_label, self.ignore_index)
-            except (RuntimeError, OSError, SyntaxError) as err:
+            except (ImageReadError, RuntimeError, OSError, SyntaxError) as err:
                 unreadable.append(f"{image_path}: {err}")
                 continue
             if mask.shape != (size[1], size[0]):
@@ -653,10 +636,20 @@ class SegmentationFolderDataModule(BaseDataModule):
         return keep
 
     def _dataset(
-        self, pairs: list[tuple[Path, Path | None]], transform: A.BaseCompose, predict: bool = False
-    ):
+        self,
+        pairs: list[tuple[Path, Path | None]],
+        transform: Any,
+        predict: bool = False,
+        root: Path | None = None,
+    ) -> SegmentationPairsDataset:
         return SegmentationPairsDataset(
-            pairs, transform, self.palette, self.reduce_zero_label, self.ignore_index, predict=predict
+            pairs,
+            transform,
+            self.palette,
+            self.reduce_zero_label,
+            self.ignore_index,
+            predict=predict,
+            root=root,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -683,9 +676,11 @@ class SegmentationFolderDataModule(BaseDataModule):
         if stage in (None, "predict") and self.predict_dir is not None and self.predict_dataset is None:
             root = _require_dir(self.predict_dir, "predict_dir")
             folder = root / self.image_dirname if (root / self.image_dirname).is_dir() else root
-            files = find_images(folder)
+            files = _image_files(folder)
             if not files:
                 raise ValueError(f"predict_dir {str(folder)!r} contains no images.")
             if self.verify:
                 files = _check_readable(files, self.skip_invalid)
-            self.predict_dataset = self._dataset([(p, None) for p in files], self.val_transform, predict=True)
+            self.predict_dataset = self._dataset(
+                [(p, None) for p in files], self.val_transform, predict=True, root=folder
+            )

@@ -16,13 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vmamba.contract import segmentation_data_config
 from vmamba.data.base import BaseDataModule
-from vmamba.data.transforms import (
-    TransformSpec,
-    build_transform,
-    segmentation_eval_transform,
-    segmentation_train_transform,
-)
+from vmamba.data.transforms import TransformSpec, build_transform, segmentation_train_transform
+from vmamba.preprocess import EvalPreprocess
 
 __all__ = [
     "SHAPES_CLASSES",
@@ -178,9 +175,7 @@ class ShapesDataModule(BaseDataModule):
                 img_size, scale_range=scale_range, ignore_index=ignore_index, mean=SHAPES_MEAN, std=SHAPES_STD
             ),
         )
-        self.val_transform = build_transform(
-            val_transform, segmentation_eval_transform(mean=SHAPES_MEAN, std=SHAPES_STD)
-        )
+        self.val_transform = build_transform(val_transform, EvalPreprocess(self.data_config))
 
     @property
     def num_classes(self) -> int:
@@ -192,15 +187,9 @@ class ShapesDataModule(BaseDataModule):
 
     @property
     def data_config(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "input_size": [3, self.img_size, self.img_size],
-            "mean": list(SHAPES_MEAN),
-            "std": list(SHAPES_STD),
-            "base_size": None,
-            "ignore_index": self.ignore_index,
-            "grayscale": False,
-        }
+        return segmentation_data_config(
+            self.img_size, SHAPES_MEAN, SHAPES_STD, ignore_index=self.ignore_index
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Generate the splits a stage needs (generation takes well under a second per 100 images)."""

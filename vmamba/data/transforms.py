@@ -1,4 +1,7 @@
-"""Albumentations presets for classification and segmentation, and per-worker reseeding.
+"""Albumentations training presets for classification and segmentation, and per-worker reseeding.
+
+The evaluation presets live in :mod:`vmamba.preprocess` (the one preprocessing of validation and inference)
+and are re-exported here.
 
 The presets build ordinary ``albumentations.Compose`` pipelines, so a YAML config can replace any of them with
 its own list of transforms (``class_path: albumentations.HorizontalFlip``...). Every pipeline ends with
@@ -18,9 +21,16 @@ from typing import Any
 import albumentations as A
 import cv2
 import torch
-from albumentations.pytorch import ToTensorV2
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from vmamba.preprocess import (
+    INTERPOLATIONS,
+    classification_eval_transform,
+    interpolation_flag,
+    normalize_and_tensor,
+    segmentation_eval_transform,
+)
 
 __all__ = [
     "INTERPOLATIONS",
@@ -36,29 +46,8 @@ __all__ = [
     "segmentation_train_transform",
 ]
 
-#: Interpolation names accepted by the presets (the names timm's data configs use).
-INTERPOLATIONS: dict[str, int] = {
-    "nearest": cv2.INTER_NEAREST,
-    "bilinear": cv2.INTER_LINEAR,
-    "bicubic": cv2.INTER_CUBIC,
-    "area": cv2.INTER_AREA,
-}
-
 #: What a data module accepts in place of a preset: a ready ``Compose`` or a list of transforms.
 TransformSpec = A.BaseCompose | list[A.BasicTransform | A.BaseCompose]
-
-
-def _interpolation(name: str) -> int:
-    """Map an interpolation name to its OpenCV flag, with a clear error for unknown names."""
-    try:
-        return INTERPOLATIONS[name]
-    except KeyError:
-        raise ValueError(f"Unknown interpolation {name!r}; use one of {sorted(INTERPOLATIONS)}.") from None
-
-
-def _finish(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:
-    """The common tail of every pipeline: normalise to the model's statistics and convert to tensors."""
-    return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
 
 
 def rand_augment(num_ops: int = 2, magnitude: float = 9.0) -> A.SomeOf:
@@ -122,7 +111,10 @@ def classification_train_transform(
     h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     transforms: list[A.BasicTransform] = [
         A.RandomResizedCrop(
-            size=(h, w), scale=tuple(scale), ratio=tuple(ratio), interpolation=_interpolation(interpolation)
+            size=(h, w),
+            scale=tuple(scale),
+            ratio=tuple(ratio),
+            interpolation=interpolation_flag(interpolation),
         )
     ]
     if hflip > 0:
@@ -133,30 +125,7 @@ def classification_train_transform(
                 brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0.0, p=0.8
             )
         )
-    return A.Compose(transforms + _finish(mean, std))
-
-
-def classification_eval_transform(
-    img_size: int | Sequence[int] = 224,
-    crop_pct: float = 0.875,
-    interpolation: str = "bicubic",
-    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-    std: Sequence[float] = IMAGENET_DEFAULT_STD,
-) -> A.Compose:
-    """Evaluation preset for classification, timm's: resize the short side to ``img_size / crop_pct``,
-    centre-crop ``img_size``, normalise.
-
-    With ``crop_pct=1`` and a square input this is a plain resize to ``img_size``.
-    """
-    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}.")
-    resize = int(round(min(h, w) / crop_pct))
-    transforms: list[A.BasicTransform] = [
-        A.SmallestMaxSize(max_size=resize, interpolation=_interpolation(interpolation)),
-        A.CenterCrop(height=h, width=w),
-    ]
-    return A.Compose(transforms + _finish(mean, std))
+    return A.Compose(transforms + normalize_and_tensor(mean, std))
 
 
 def segmentation_train_transform(
@@ -204,28 +173,12 @@ def segmentation_train_transform(
                 brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0.0, p=0.5
             )
         )
-    return A.Compose(transforms + _finish(mean, std))
+    return A.Compose(transforms + normalize_and_tensor(mean, std))
 
 
-def segmentation_eval_transform(
-    base_size: int | None = None,
-    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-    std: Sequence[float] = IMAGENET_DEFAULT_STD,
-) -> A.Compose:
-    """Evaluation preset for segmentation: optional short-side resize, then normalise the whole image.
-
-    Large images are evaluated whole; the task slides a window over them
-    (``SegmentationTask(slide_window=...)``).
-    """
-    transforms: list[A.BasicTransform] = []
-    if base_size is not None:
-        transforms.append(A.SmallestMaxSize(max_size=base_size))
-    return A.Compose(transforms + _finish(mean, std))
-
-
-def build_transform(spec: TransformSpec | None, default: A.BaseCompose) -> A.BaseCompose:
+def build_transform(spec: TransformSpec | None, default: Any) -> Any:
     """Turn a YAML-given pipeline (a ``Compose`` or a list of transforms) into a ``Compose``; ``None`` ->
-    default."""
+    ``default`` (a preset, or :class:`vmamba.preprocess.EvalPreprocess` for evaluation)."""
     if spec is None:
         return default
     if isinstance(spec, A.BaseCompose):

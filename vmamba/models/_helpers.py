@@ -1,4 +1,10 @@
-"""Checkpoint loading shared by the model families: safe file loading, envelopes, strict fitting.
+"""The one checkpoint reader: safe file loading, envelopes, one EMA preference, strict fitting.
+
+Every weights file vmamba reads goes through :func:`read_checkpoint_file` exactly once (the model families'
+``pretrained_cfg_overlay=dict(file=...)``, :mod:`vmamba.loading` for ``vmamba-predict``/``vmamba-export``
+and the Lightning tasks' ``weights=``), and :func:`select_state_dict` picks the weights inside any envelope
+(official ``model``/``model_ema``, timm ``state_dict``/``state_dict_ema``, Lightning ``state_dict`` with
+``model.`` keys, or a bare dict of tensors): the model weights unless EMA ones are asked for.
 
 Official Vim and VMamba checkpoints are ``torch.save`` dicts that carry, beside the weights, pickled
 objects of the training script (an ``argparse.Namespace``, a yacs ``CfgNode``). ``torch.load`` with
@@ -22,6 +28,7 @@ __all__ = [
     "check_state_dict_fits",
     "load_checkpoint_file",
     "load_state_dict_strict",
+    "read_checkpoint_file",
     "resolve_pretrained_file",
     "select_state_dict",
 ]
@@ -99,10 +106,10 @@ def select_state_dict(
     return tensors
 
 
-def load_checkpoint_file(path: str | os.PathLike, use_ema: bool = False) -> dict[str, Tensor]:
-    """Weights from a local ``.safetensors`` or torch file (official envelope, Lightning or plain).
+def read_checkpoint_file(path: str | os.PathLike) -> Any:
+    """The whole content of a local ``.safetensors`` or torch file, read once on the CPU.
 
-    ``model`` weights by default (what the official evaluation scores); ``use_ema=True`` for the EMA ones.
+    Torch files load with ``weights_only=True``; pickled training-script objects become inert stand-ins.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -110,24 +117,69 @@ def load_checkpoint_file(path: str | os.PathLike, use_ema: bool = False) -> dict
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return select_state_dict(load_file(path, device="cpu"), use_ema, path)
-    return select_state_dict(_torch_load(path), use_ema, path)
+        return load_file(path, device="cpu")
+    return _torch_load(path)
 
 
-def resolve_pretrained_file(pretrained: bool, kwargs: dict[str, Any]) -> None:
-    """Load ``pretrained_cfg_overlay=dict(file=..., use_ema=...)`` with our loader, in place.
+def load_checkpoint_file(path: str | os.PathLike, use_ema: bool = False) -> dict[str, Tensor]:
+    """Weights from a local ``.safetensors`` or torch file (official envelope, Lightning or plain).
 
-    timm's own file loader prefers EMA weights and refuses pickled configs; this replaces the ``file``
-    entry with ``state_dict`` (which timm hands to the model's ``checkpoint_filter_fn``).
+    ``model`` weights by default (what the official evaluation scores); ``use_ema=True`` for the EMA ones.
     """
-    overlay = kwargs.get("pretrained_cfg_overlay")
-    if not overlay:
-        return
-    overlay = dict(overlay)
+    return select_state_dict(read_checkpoint_file(path), use_ema, os.fspath(path))
+
+
+def _offline_hint(variant: str, filename: str) -> str:
+    return (
+        f"Download it where a network is available and pass the local file: timm.create_model({variant!r}, "
+        f"pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/{filename}'))"
+    )
+
+
+def _fetch_hub_weights(variant: str, repo: str, filename: str) -> dict[str, Tensor]:
+    """The hub file of a pretrained cfg (from the local cache when there), read with our loader."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(repo, filename)
+    except Exception as err:
+        raise RuntimeError(
+            f"{variant}: pretrained=True needs {filename} from the Hugging Face Hub ({repo}), which is neither "
+            f"cached nor downloadable here ({type(err).__name__}). " + _offline_hint(variant, filename)
+        ) from err
+    return load_checkpoint_file(path)
+
+
+def resolve_pretrained_file(pretrained: bool, kwargs: dict[str, Any], variant: str | None = None) -> None:
+    """Resolve where ``pretrained=True`` weights come from, in place, before timm builds the model.
+
+    ``pretrained_cfg_overlay=dict(file=..., use_ema=...)`` is read with our loader (timm's own prefers EMA
+    weights and refuses pickled configs) and becomes ``state_dict``, which timm hands to the model's
+    ``checkpoint_filter_fn``. With ``variant`` and no file, the variant's hub file (``hf_hub_id`` +
+    ``hf_hub_filename``) is read the same way; when it cannot be fetched (no network, no cache), or the
+    variant registers no weights at all, a RuntimeError says how to pass a local file.
+    """
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     use_ema = bool(overlay.pop("use_ema", False))
     if pretrained and overlay.get("file"):
         overlay["state_dict"] = load_checkpoint_file(overlay.pop("file"), use_ema=use_ema)
-    kwargs["pretrained_cfg_overlay"] = overlay
+    elif pretrained and variant is not None and overlay.get("state_dict") is None:
+        from timm.models import resolve_pretrained_cfg
+
+        cfg = resolve_pretrained_cfg(
+            variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=overlay
+        ).to_dict()
+        name = cfg.get("architecture") or variant
+        if cfg.get("hf_hub_id") and cfg.get("hf_hub_filename"):
+            overlay["state_dict"] = _fetch_hub_weights(name, cfg["hf_hub_id"], cfg["hf_hub_filename"])
+        elif not (cfg.get("url") or cfg.get("hf_hub_id") or cfg.get("state_dict")):
+            notes = " ".join(cfg.get("notes") or ())
+            raise RuntimeError(
+                f"{name}: no weights are registered for download ({notes or 'no notes'}; origin: "
+                f"{cfg.get('origin_url')}). " + _offline_hint(name, "weights.pth")
+            )
+    if overlay or "pretrained_cfg_overlay" in kwargs:
+        kwargs["pretrained_cfg_overlay"] = overlay
 
 
 def check_state_dict_fits(

@@ -490,7 +490,7 @@ def _check_converted(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
 
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs: Any) -> Vim:
-    resolve_pretrained_file(pretrained, kwargs)
+    resolve_pretrained_file(pretrained, kwargs, variant)
     out_indices = kwargs.pop("out_indices", default_out_indices(kwargs.get("depth", 24)))
     feature_cfg = dict(out_indices=out_indices, feature_cls="getter")
     feature_cfg.update(kwargs.pop("feature_cfg", None) or {})

@@ -507,7 +507,7 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
-    resolve_pretrained_file(pretrained, kwargs)
+    resolve_pretrained_file(pretrained, kwargs, variant)
     if pretrained:
         cfg = resolve_pretrained_cfg(
             variant,

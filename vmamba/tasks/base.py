@@ -1,4 +1,4 @@
-"""Shared base of the Lightning tasks: optimizer/scheduler callables with parameter groups (no weight decay on
+"""Shared base of the Lightning tasks: shared arguments, hooks and the one eval step; optimizer/scheduler callables with parameter groups (no weight decay on
 norms, biases, embeddings and the SSM's A/D; layer-wise lr decay), backbone freezing, gradient checkpointing.
 
 The optimizer and scheduler are *callables* given to the task (typed ``OptimizerCallable`` /
@@ -22,7 +22,9 @@ from timm.models import group_parameters
 from torch import nn
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torchmetrics import MetricCollection
 
+from vmamba.contract import check_data_config
 from vmamba.tasks.schedulers import WarmupSchedule
 
 __all__ = ["BaseTask", "layer_ids", "no_weight_decay_names", "param_groups", "to_yaml_primitive"]
@@ -116,13 +118,26 @@ def param_groups(
 
 
 class BaseTask(L.LightningModule, ABC):
-    """Base of :class:`~vmamba.tasks.ClassificationTask` and :class:`~vmamba.tasks.SegmentationTask`.
+    """Base of :class:`~vmamba.tasks.ClassificationTask` and :class:`~vmamba.tasks.SegmentationTask`, after
+    TorchGeo's ``BaseTask``: it takes the arguments every task shares, saves the hyper-parameters, and calls
+    the hooks a subclass fills in, in this order:
 
-    Subclasses build ``self.model`` (the network), call :meth:`prepare_model` and implement the steps.
-    ``monitor``/``mode`` name the metric that ``ReduceLROnPlateau`` and the configs' ``ModelCheckpoint``
-    watch.
+    * :meth:`configure_model` returns the network (``self.model``; state-dict keys ``model.*``);
+    * :meth:`default_data_config` gives the ``data_config`` when the data module did not link one;
+    * :meth:`configure_metrics` returns a ``MetricCollection``, cloned as ``train_``/``val_``/``test_``;
+    * :meth:`eval_logits`, :meth:`eval_loss` and :meth:`metric_input` define the one validation/test step
+      (:meth:`validation_step`, :meth:`test_step`) and :meth:`predict_step` (softmax over classes).
+
+    Subclasses write only their ``training_step`` and what differs. ``monitor``/``mode`` name the metric that
+    ``ReduceLROnPlateau`` and the configs' ``ModelCheckpoint`` watch.
 
     Args:
+        num_classes: number of classes (the CLI links it from the data module).
+        class_names: class names in index order (linked from the data module when it knows them).
+        data_config: evaluation preprocessing stored for inference (:mod:`vmamba.contract`; linked from the
+            data module by the CLI).
+        freeze_backbone: train only what :meth:`freeze_backbone` leaves trainable.
+        grad_checkpointing: recompute blocks in the backward pass.
         optimizer: callable mapping parameter groups to an optimizer, e.g. YAML
             ``{class_path: torch.optim.AdamW, init_args: {lr: 1e-3, weight_decay: 0.05}}``.
         lr_scheduler: callable mapping the optimizer to a scheduler (``None``: constant lr), e.g.
@@ -135,9 +150,18 @@ class BaseTask(L.LightningModule, ABC):
 
     monitor: ClassVar[str] = "val_loss"
     mode: ClassVar[str] = "min"
+    #: ``"classification"`` or ``"segmentation"`` (:data:`vmamba.contract.TASKS`).
+    task: ClassVar[str] = ""
+    #: The batch key of the targets (``"label"`` or ``"mask"``).
+    target_key: ClassVar[str] = "label"
 
     def __init__(
         self,
+        num_classes: int,
+        class_names: list[str] | None = None,
+        data_config: dict[str, Any] | None = None,
+        freeze_backbone: bool = False,
+        grad_checkpointing: bool = False,
         optimizer: OptimizerCallable = AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
@@ -145,29 +169,65 @@ class BaseTask(L.LightningModule, ABC):
         no_weight_decay: list[str] | None = None,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.check_per_class("class_names", class_names, num_classes)
+        self.num_classes = num_classes
         self.optimizer_fn = optimizer
         self.lr_scheduler_fn = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.layer_decay = layer_decay
         self.extra_no_weight_decay = list(no_weight_decay or [])
+        self.model = self.configure_model()
+        if freeze_backbone:
+            self.freeze_backbone()
+        if grad_checkpointing:
+            self.set_grad_checkpointing(True)
+        config = data_config if data_config is not None else self.default_data_config()
+        config = check_data_config({"task": self.task, **config})
+        if config["task"] != self.task:
+            raise ValueError(
+                f"{type(self).__name__} got a {config['task']} data_config; use a {self.task} data module"
+            )
+        self.hparams["data_config"] = to_yaml_primitive(config)
+        metrics = self.configure_metrics()
+        self.train_metrics = metrics.clone(prefix="train_")
+        self.val_metrics = metrics.clone(prefix="val_")
+        self.test_metrics = metrics.clone(prefix="test_")
 
     @staticmethod
-    def _check_per_class(name: str, values: list[Any] | None, num_classes: int) -> None:
+    def check_per_class(name: str, values: list[Any] | None, num_classes: int) -> None:
         """Reject a per-class list argument (``class_names``, ``class_weights``) whose length is not
         ``num_classes``; ``None`` passes."""
         if values is not None and len(values) != num_classes:
             raise ValueError(f"{name} has {len(values)} entries but num_classes is {num_classes}.")
 
-    def prepare_model(self, freeze_backbone: bool = False, grad_checkpointing: bool = False) -> None:
-        """Apply the freezing and checkpointing switches once the subclass has built ``self.model``."""
-        if freeze_backbone:
-            self.freeze_backbone()
-        if grad_checkpointing:
-            self.set_grad_checkpointing(True)
+    @abstractmethod
+    def configure_model(self) -> nn.Module:
+        """Build the network from ``self.hparams``."""
+
+    @abstractmethod
+    def default_data_config(self) -> dict[str, Any]:
+        """The ``data_config`` to store when none was given (:mod:`vmamba.contract`)."""
+
+    @abstractmethod
+    def configure_metrics(self) -> MetricCollection:
+        """The metrics of one split, unprefixed (``acc``, ``miou``...)."""
 
     @abstractmethod
     def freeze_backbone(self) -> None:
         """Set ``requires_grad=False`` on the feature extractor."""
+
+    @abstractmethod
+    def eval_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss logged in validation and test."""
+
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits used by validation, test and prediction (the plain forward pass by default)."""
+        return self(x)
+
+    def metric_input(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the metrics are updated with (the logits by default)."""
+        return logits
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Switch gradient checkpointing of the (outermost) submodule that supports it."""
@@ -180,6 +240,28 @@ class BaseTask(L.LightningModule, ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network's logits."""
         return self.model(x)
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, prefix: str) -> None:
+        """Loss and metrics of one validation or test batch, logged per epoch as ``{prefix}_*``."""
+        x, y = batch["image"], batch[self.target_key]
+        logits = self.eval_logits(x)
+        loss = self.eval_loss(logits, y)
+        self.log(f"{prefix}_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(x), sync_dist=True)
+        metrics.update(self.metric_input(logits), y)
+        self.log_dict(metrics, on_epoch=True, prog_bar=prefix == "val", batch_size=len(x))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Loss and metrics, logged per epoch as ``val_*``."""
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """As validation, logged as ``test_*``."""
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Class probabilities: ``(B, num_classes)`` or ``(B, num_classes, H, W)``."""
+        x = batch["image"] if isinstance(batch, dict) else batch
+        return self.eval_logits(x).softmax(dim=1)
 
     def check_finite(self, loss: torch.Tensor) -> None:
         """Stop with an actionable message on a NaN/inf training loss instead of silently training on it."""

@@ -21,23 +21,11 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 import vmamba.models  # noqa: F401  (registers vim_* / vmamba_* with timm)
-from vmamba.tasks.base import BaseTask, to_yaml_primitive
+from vmamba.contract import classification_data_config
+from vmamba.preprocess import CROP_MODES
+from vmamba.tasks.base import BaseTask
 
 __all__ = ["ClassificationTask"]
-
-
-def _image(batch: Any) -> torch.Tensor:
-    """The image tensor of a batch given as ``{"image": ...}``, ``(image, ...)`` or a bare tensor."""
-    if isinstance(batch, dict):
-        return batch["image"]
-    if isinstance(batch, (list, tuple)):
-        return batch[0]
-    return batch
-
-
-def _target(batch: Any) -> torch.Tensor:
-    """The label tensor of a batch given as ``{"label": ...}`` or ``(image, label)``."""
-    return batch["label"] if isinstance(batch, dict) else batch[1]
 
 
 class ClassificationTask(BaseTask):
@@ -72,6 +60,7 @@ class ClassificationTask(BaseTask):
 
     monitor = "val_acc"
     mode = "max"
+    task = "classification"
 
     def __init__(
         self,
@@ -96,16 +85,20 @@ class ClassificationTask(BaseTask):
         layer_decay: float | None = None,
         no_weight_decay: list[str] | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler, lr_scheduler_interval, layer_decay, no_weight_decay)
-        self._check_per_class("class_names", class_names, num_classes)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.num_classes = num_classes
-        self.model = self._create_model(model, num_classes, pretrained, weights, model_kwargs, drop_path_rate)
-        self.prepare_model(freeze_backbone, grad_checkpointing)
-        if data_config is None:
-            data_config = self._model_data_config(self.model)
-        self.hparams["data_config"] = to_yaml_primitive(data_config)
-
+        super().__init__(
+            num_classes,
+            class_names,
+            data_config,
+            freeze_backbone,
+            grad_checkpointing,
+            optimizer,
+            lr_scheduler,
+            lr_scheduler_interval,
+            layer_decay,
+            no_weight_decay,
+        )
+        self.label_smoothing = label_smoothing
+        self.train_criterion = SoftTargetCrossEntropy()
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
             self.mixup = Mixup(
@@ -116,53 +109,52 @@ class ClassificationTask(BaseTask):
                 label_smoothing=label_smoothing,
                 num_classes=num_classes,
             )
-        self.train_criterion = SoftTargetCrossEntropy()
-        self.label_smoothing = label_smoothing
 
-        metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
-        if num_classes > 5:
-            metrics["acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-        collection = MetricCollection(metrics)
-        self.train_metrics = collection.clone(prefix="train_")
-        self.val_metrics = collection.clone(prefix="val_")
-        self.test_metrics = collection.clone(prefix="test_")
-
-    @staticmethod
-    def _create_model(
-        name: str,
-        num_classes: int,
-        pretrained: bool,
-        weights: str | None,
-        model_kwargs: dict[str, Any] | None,
-        drop_path_rate: float | None,
-    ) -> nn.Module:
+    def configure_model(self) -> nn.Module:
         """``timm.create_model`` with official or local weights (through the model's checkpoint filter)."""
-        kwargs = dict(model_kwargs or {})
-        if drop_path_rate is not None:
-            kwargs["drop_path_rate"] = drop_path_rate
-        if weights is not None:
-            kwargs["pretrained_cfg_overlay"] = dict(file=weights)
+        hp = self.hparams
+        kwargs = dict(hp.model_kwargs or {})
+        if hp.drop_path_rate is not None:
+            kwargs["drop_path_rate"] = hp.drop_path_rate
+        if hp.weights is not None:
+            kwargs["pretrained_cfg_overlay"] = dict(file=hp.weights)
         try:
             return timm.create_model(
-                name, pretrained=pretrained or weights is not None, num_classes=num_classes, **kwargs
+                hp.model,
+                pretrained=hp.pretrained or hp.weights is not None,
+                num_classes=hp.num_classes,
+                **kwargs,
             )
         except RuntimeError as err:
             if "Unknown model" in str(err):
                 raise ValueError(
-                    f"Unknown model {name!r}. Use a timm model name; vmamba's are "
+                    f"Unknown model {hp.model!r}. Use a timm model name; vmamba's are "
                     f"{timm.list_models('vim_*') + timm.list_models('vmamba_*')}."
                 ) from err
             raise
 
-    @staticmethod
-    def _model_data_config(model: nn.Module) -> dict[str, Any]:
-        """timm's data config of the model, with the input size the model was actually built for."""
-        config = {"task": "classification", **resolve_model_data_config(model), "grayscale": False}
-        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    def default_data_config(self) -> dict[str, Any]:
+        """timm's data config of the model (its own normalisation and crop), at the size it was built for."""
+        cfg = resolve_model_data_config(self.model)
+        size = cfg["input_size"][-2:]
+        img_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
         if img_size is not None:
-            h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-            config["input_size"] = [config["input_size"][0], int(h), int(w)]
-        return config
+            size = img_size
+        crop_mode = cfg.get("crop_mode") if cfg.get("crop_mode") in CROP_MODES else "center"
+        return classification_data_config(
+            size, cfg["mean"], cfg["std"], cfg["interpolation"], cfg["crop_pct"], crop_mode
+        )
+
+    def configure_metrics(self) -> MetricCollection:
+        """Top-1 accuracy (``acc``), and top-5 (``acc5``) beyond 5 classes."""
+        metrics = {"acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
+        if self.num_classes > 5:
+            metrics["acc5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
+        return MetricCollection(metrics)
+
+    def eval_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy without smoothing."""
+        return F.cross_entropy(logits, target)
 
     def freeze_backbone(self) -> None:
         """Freeze everything except the classifier."""
@@ -172,7 +164,7 @@ class ClassificationTask(BaseTask):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Cross-entropy with label smoothing, on mixup/cutmix-mixed batches when enabled."""
-        x, y = _image(batch), _target(batch)
+        x, y = batch["image"], batch["label"]
         if self.mixup is not None and len(x) % 2 == 0:
             x, soft = self.mixup(x, y)
             mixed = True
@@ -188,23 +180,3 @@ class ClassificationTask(BaseTask):
             self.train_metrics.update(logits.detach(), y)
             self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(x))
         return loss
-
-    def _eval_step(self, batch: Any, metrics: MetricCollection, prefix: str) -> None:
-        x, y = _image(batch), _target(batch)
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.log(f"{prefix}_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(x), sync_dist=True)
-        metrics.update(logits, y)
-        self.log_dict(metrics, on_epoch=True, prog_bar=prefix == "val", batch_size=len(x))
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Cross-entropy (no smoothing) and top-1/top-5 accuracy, logged per epoch as ``val_*``."""
-        self._eval_step(batch, self.val_metrics, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        """As validation, logged as ``test_*``."""
-        self._eval_step(batch, self.test_metrics, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        """Class probabilities ``(B, num_classes)``."""
-        return self(_image(batch)).softmax(dim=-1)

@@ -13,12 +13,15 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
 from torch.optim import AdamW
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
+from vmamba.contract import segmentation_data_config
 from vmamba.seg import create_segmentation_model, predict_sliding
-from vmamba.tasks.base import BaseTask, to_yaml_primitive
+from vmamba.tasks.base import BaseTask
 
 __all__ = ["SegmentationTask", "dice_loss"]
 
@@ -77,6 +80,8 @@ class SegmentationTask(BaseTask):
 
     monitor = "val_miou"
     mode = "max"
+    task = "segmentation"
+    target_key = "mask"
 
     def __init__(
         self,
@@ -104,56 +109,67 @@ class SegmentationTask(BaseTask):
         layer_decay: float | None = None,
         no_weight_decay: list[str] | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler, lr_scheduler_interval, layer_decay, no_weight_decay)
-        self._check_per_class("class_names", class_names, num_classes)
-        self._check_per_class("class_weights", class_weights, num_classes)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.num_classes = num_classes
+        self.check_per_class("class_weights", class_weights, num_classes)
+        super().__init__(
+            num_classes,
+            class_names,
+            data_config,
+            freeze_backbone,
+            grad_checkpointing,
+            optimizer,
+            lr_scheduler,
+            lr_scheduler_interval,
+            layer_decay,
+            no_weight_decay,
+        )
         self.ignore_index = ignore_index
         self.dice_weight = dice_weight
         self.slide_window = slide_window
         self.slide_stride = slide_stride or (max(1, slide_window * 2 // 3) if slide_window else None)
-        kwargs = dict(backbone_kwargs or {})
-        if weights is not None:
-            kwargs["pretrained_cfg_overlay"] = dict(file=weights)
-        self.model = create_segmentation_model(
-            backbone,
-            num_classes,
-            decoder=decoder,
-            pretrained=pretrained or weights is not None,
-            backbone_kwargs=kwargs,
-            aux_head=aux_head,
-            aux_weight=aux_weight,
-            **dict(decoder_kwargs or {}),
-        )
-        self.prepare_model(freeze_backbone, grad_checkpointing)
-        if data_config is None:
-            cfg = self.model.pretrained_cfg
-            data_config = {
-                "task": "segmentation",
-                "input_size": [3, slide_window or 512, slide_window or 512],
-                "mean": cfg.get("mean", (0.485, 0.456, 0.406)),
-                "std": cfg.get("std", (0.229, 0.224, 0.225)),
-                "base_size": None,
-                "ignore_index": ignore_index,
-                "grayscale": False,
-            }
-        self.hparams["data_config"] = to_yaml_primitive(data_config)
+        self.hparams["slide_stride"] = self.slide_stride
         self.register_buffer(
             "class_weights",
             torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None,
             persistent=False,
         )
 
-        metrics = MetricCollection(
+    def configure_model(self) -> nn.Module:
+        """The :func:`vmamba.seg.create_segmentation_model` network (backbone weights from ``weights``)."""
+        hp = self.hparams
+        kwargs = dict(hp.backbone_kwargs or {})
+        if hp.weights is not None:
+            kwargs["pretrained_cfg_overlay"] = dict(file=hp.weights)
+        return create_segmentation_model(
+            hp.backbone,
+            hp.num_classes,
+            decoder=hp.decoder,
+            pretrained=hp.pretrained or hp.weights is not None,
+            backbone_kwargs=kwargs,
+            aux_head=hp.aux_head,
+            aux_weight=hp.aux_weight,
+            **dict(hp.decoder_kwargs or {}),
+        )
+
+    def default_data_config(self) -> dict[str, Any]:
+        """The backbone's normalisation, the sliding window (else 512) as the crop, no resize."""
+        cfg = self.model.pretrained_cfg
+        window = self.hparams.slide_window or 512
+        return segmentation_data_config(
+            window,
+            cfg.get("mean", IMAGENET_DEFAULT_MEAN),
+            cfg.get("std", IMAGENET_DEFAULT_STD),
+            ignore_index=self.hparams.ignore_index,
+        )
+
+    def configure_metrics(self) -> MetricCollection:
+        """mIoU (mean over classes present in targets or predictions) and pixel accuracy."""
+        n, ignore = self.num_classes, self.hparams.ignore_index
+        return MetricCollection(
             {
-                "miou": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index),
-                "pixel_acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore_index),
+                "miou": MulticlassJaccardIndex(n, average="macro", ignore_index=ignore),
+                "pixel_acc": MulticlassAccuracy(n, average="micro", ignore_index=ignore),
             }
         )
-        self.train_metrics = metrics.clone(prefix="train_")
-        self.val_metrics = metrics.clone(prefix="val_")
-        self.test_metrics = metrics.clone(prefix="test_")
 
     def setup(self, stage: str) -> None:
         """Check that the data module pads and ignores with the same ``ignore_index`` as the loss."""
@@ -195,7 +211,7 @@ class SegmentationTask(BaseTask):
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(x))
         return loss
 
-    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the input size, by sliding window when ``slide_window`` is set, else in one pass."""
         if self.slide_window is not None:
             return predict_sliding(
@@ -203,22 +219,10 @@ class SegmentationTask(BaseTask):
             )
         return self.model(x)
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, prefix: str) -> None:
-        x, y = batch["image"], batch["mask"]
-        logits = self.predict_logits(x)
-        self.log(f"{prefix}_loss", self._loss(logits, y), on_epoch=True, batch_size=len(x), sync_dist=True)
-        metrics.update(logits.argmax(dim=1), y)
-        self.log_dict(metrics, on_epoch=True, prog_bar=prefix == "val", batch_size=len(x))
+    def eval_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The training loss of the decoder output (cross-entropy + optional dice)."""
+        return self._loss(logits, target)
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Loss, mIoU and pixel accuracy, logged per epoch as ``val_*``."""
-        self._eval_step(batch, self.val_metrics, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """As validation, logged as ``test_*``."""
-        self._eval_step(batch, self.test_metrics, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        """Per-pixel class probabilities ``(B, num_classes, H, W)``."""
-        x = batch["image"] if isinstance(batch, dict) else batch
-        return self.predict_logits(x).softmax(dim=1)
+    def metric_input(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class indices per pixel."""
+        return logits.argmax(dim=1)
