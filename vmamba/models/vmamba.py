@@ -116,6 +116,13 @@ class VSSBlock(nn.Module):
             self.norm2 = self.mlp = self.drop_path2 = None
 
     def forward(self, x: Tensor) -> Tensor:
+        """x (B, C, H, W) -> the same shape, in channels-last memory format.
+
+        The block works on channels-last tensors (a no-op after the first block of a stage): the channel
+        LayerNorms then normalise contiguous rows with no permute copy, and the 1x1 projections are plain
+        GEMMs over tokens.
+        """
+        x = x.contiguous(memory_format=torch.channels_last)
         x = x + self.drop_path1(self.mixer(self.norm1(x)))
         if self.mlp is not None:
             x = x + self.drop_path2(self.mlp(self.norm2(x)))
