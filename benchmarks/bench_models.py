@@ -190,7 +190,7 @@ def print_table(results: list[Result]) -> None:
     for r in results:
         print(
             f"| {r.device} | {r.threads} | {r.mode} | {r.resolution} | {r.batch} | {r.model} | {r.ms:,.1f} "
-            f"| {r.img_s:,.2f} | {r.peak_mib:,.0f} | {r.vs_peer:.2f}x |"
+            f"| {r.img_s:,.3g} | {r.peak_mib:,.0f} | {r.vs_peer:.2f}x |"
         )
 
 
