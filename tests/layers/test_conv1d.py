@@ -23,10 +23,9 @@ def _inputs(batch=2, length=9, channels=5, k=4, bias=True, dtype=torch.float64, 
     )
 
 
-@pytest.mark.parametrize("length", [1, 2, 3, 9])
-@pytest.mark.parametrize("k", [1, 2, 4])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("length", [1, 2, 9])
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("bias, silu", [(True, True), (False, False)])
 def test_matches_float64_reference(length, k, bias, silu):
     args = _inputs(length=length, k=k, bias=bias)
     out = bidirectional_causal_conv1d(*args, silu=silu)

@@ -6,7 +6,8 @@ For an input grid x (batch, C, H, W):
    and SiLU;
 2. per direction k (row-major, column-major and both reversed) the projections ``x_proj_weight[k]`` to
    ``(dt, B, C)`` (ranks R, N, N) and ``dt_projs_weight[k]`` from R to ``d_inner``. Both act on one
-   position at a time, so they are computed once in storage order for all four directions;
+   position at a time, so they are computed once in storage order for all four directions, each as one
+   GEMM (``x_proj`` on the shared input, ``dt_projs`` block-diagonal);
 3. one :func:`~vmamba.kernels.multi_direction_selective_scan` call scans the four directions with their own
    ``A = -exp(A_logs)``, ``D = Ds`` and ``delta_bias = dt_projs_bias`` (softplus on delta) and sums them
    back onto the grid (VMamba's cross-merge); how the orders are realised is the kernel library's choice;
@@ -15,7 +16,9 @@ For an input grid x (batch, C, H, W):
 The parameter names and layouts are the official ones (``x_proj_weight`` (K, R+2N, D),
 ``dt_projs_weight`` (K, D, R), ``dt_projs_bias`` (K, D), ``A_logs`` (K*D, N), ``Ds`` (K*D)), with the
 official "v0" initialisation. ``in_proj``/``out_proj`` are ``nn.Conv2d`` 1x1 (official checkpoints store
-them as 2-D Linear weights; the model's checkpoint filter reshapes them).
+them as 2-D Linear weights; the model's checkpoint filter reshapes them); the forward applies their
+weights as GEMMs over token-major (B, H, W, channels) activations, which the depthwise conv sees as a
+channels-last tensor and the scan as ``.transpose(1, 2)`` views.
 """
 
 import math
