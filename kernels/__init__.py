@@ -7,6 +7,7 @@ See ``docs/kernels.md`` for the semantics and for which backend runs when.
 """
 
 from .backends import BACKEND_ENV_VAR, BACKEND_NAMES, ScanBackend, available_backends, register_backend
+from .conv1d import bidirectional_causal_conv1d, bidirectional_causal_conv1d_reference
 from .directions import (
     DIRECTIONS,
     VIM_DIRECTIONS,
@@ -29,6 +30,8 @@ __all__ = [
     "VMAMBA_DIRECTIONS",
     "ScanBackend",
     "available_backends",
+    "bidirectional_causal_conv1d",
+    "bidirectional_causal_conv1d_reference",
     "bidirectional_ssd_scan",
     "check_scan_inputs",
     "from_directions",

@@ -1,18 +1,49 @@
 """Vim's bidirectional Mamba mixer ("bimamba v2") on top of the multi-direction selective scan."""
 
-from __future__ import annotations
-
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vmamba.kernels import VIM_DIRECTIONS, multi_direction_selective_scan
+from vmamba.kernels import VIM_DIRECTIONS, bidirectional_causal_conv1d, multi_direction_selective_scan
 
+from .projections import block_diagonal
 from .ssm_init import init_a_log_, init_dt_bias_, init_dt_weight_
 
-__all__ = ["BiMambaMixer"]
+__all__ = ["BiMambaMixer", "bidirectional_scan"]
+
+
+@torch.jit.ignore
+def bidirectional_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor,
+    z: Tensor,
+    delta_bias: Tensor,
+    backend: str,
+) -> Tensor:
+    """Vim's two directions (forward, backward) as one scan, averaged: the mixer's only kernel call.
+
+    A plain function with positional arguments so that TorchScript can leave it to Python.
+    """
+    return multi_direction_selective_scan(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        delta_softplus=True,
+        directions=VIM_DIRECTIONS,
+        merge="mean",
+        backend=backend,
+    )
 
 
 class BiMambaMixer(nn.Module):
@@ -116,45 +147,40 @@ class BiMambaMixer(nn.Module):
                 self.dt_proj_b.reset_parameters()  # PyTorch default weight, as left by the official code
                 self.dt_proj_b.bias.zero_()  # zeroed by the official model-level init
 
-    def _scan_inputs(self, u: Tensor, x_proj: nn.Linear, dt_proj: nn.Linear) -> tuple[Tensor, Tensor, Tensor]:
-        """One direction's (delta, B, C) from its conv output u (B, E, L); dt_proj's bias is applied in the scan."""
-        dt, b, c = x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L)
-        return delta, b.transpose(1, 2), c.transpose(1, 2)  # B, C: (B, N, L)
-
     def forward(self, hidden_states: Tensor) -> Tensor:
-        """hidden_states (B, L, D) -> (B, L, D)."""
-        length = hidden_states.shape[1]
-        xz = self.in_proj(hidden_states.to(self.in_proj.weight.dtype)).transpose(1, 2)  # (B, 2E, L)
-        x, z = xz.chunk(2, dim=1)
-        # Forward direction: causal depthwise conv (keep the first L outputs of the padded conv).
-        u_f = F.silu(self.conv1d(x)[..., :length])
-        # Backward direction: a causal conv over the reversed sequence is, in storage order, an anti-causal
-        # conv with the kernel reversed (pad on the right instead of the left).
-        u_b = F.silu(
-            F.conv1d(
-                F.pad(x, (0, self.d_conv - 1)),
-                self.conv1d_b.weight.flip(-1),
-                self.conv1d_b.bias,
-                groups=self.d_inner,
-            )
-        )
-        delta_f, b_f, c_f = self._scan_inputs(u_f, self.x_proj, self.dt_proj)
-        delta_b, b_b, c_b = self._scan_inputs(u_b, self.x_proj_b, self.dt_proj_b)
+        """hidden_states (B, L, D) -> (B, L, D).
 
-        y = multi_direction_selective_scan(
-            torch.cat([u_f, u_b], dim=1),
-            torch.cat([delta_f, delta_b], dim=1),
+        Activations stay token-major, (B, L, channels) as the GEMMs produce them, and reach the scan as
+        ``.transpose(1, 2)`` views; both directions share every step: one convolution, one batched x_proj
+        GEMM, one block-diagonal dt_proj GEMM, one scan. Only the small per-direction parameters are
+        stacked on each call (the official checkpoint layout keeps them apart).
+        """
+        batch, length, _ = hidden_states.shape
+        e, r, n = self.d_inner, self.dt_rank, self.d_state
+        xz = self.in_proj(hidden_states.to(self.in_proj.weight.dtype))  # (B, L, 2E)
+        x, z = xz[..., :e], xz[..., e:]
+        # Both directions' causal conv + SiLU: (B, L, 2E), the backward block anti-causal in storage order.
+        u = bidirectional_causal_conv1d(
+            x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias
+        )
+        # x_proj of both directions as one batched GEMM: (2, B*L, E) @ (2, E, R + 2N) -> (2, B*L, R + 2N).
+        x_dbl = torch.bmm(
+            u.view(batch * length, 2, e).transpose(0, 1),
+            torch.stack([self.x_proj.weight, self.x_proj_b.weight]).transpose(1, 2),
+        ).view(2, batch, length, r + 2 * n)
+        # dt_proj of both directions as one block-diagonal GEMM on the (small) ranks side by side: (B, L, 2E).
+        dts = x_dbl[..., :r].permute(1, 2, 0, 3).reshape(batch, length, 2 * r)
+        delta = F.linear(dts, block_diagonal(torch.stack([self.dt_proj.weight, self.dt_proj_b.weight])))
+        y = bidirectional_scan(
+            u.transpose(1, 2),
+            delta.transpose(1, 2),
             -torch.exp(torch.cat([self.A_log, self.A_b_log]).float()),
-            torch.stack([b_f, b_b], dim=1),  # (B, 2, N, L), one group per direction
-            torch.stack([c_f, c_b], dim=1),
+            x_dbl[..., r : r + n].permute(1, 0, 3, 2),  # B: (B, 2, N, L), one group per direction
+            x_dbl[..., r + n :].permute(1, 0, 3, 2),  # C
             torch.cat([self.D, self.D_b]).float(),
-            z,  # shared gate, in storage order
+            z.transpose(1, 2),  # shared gate, in storage order, applied in the scan's epilogue
             torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
-            delta_softplus=True,
-            directions=VIM_DIRECTIONS,
-            merge="mean",
-            backend=self.scan_backend,
+            self.scan_backend,
         )
         return self.out_proj(y.transpose(1, 2))
 

@@ -1,11 +1,27 @@
-"""Normalisation layers shared by the Mamba backbones."""
-
-from __future__ import annotations
+"""Normalisation layers shared by the Mamba backbones: RMSNorm and the fused residual add + RMSNorm."""
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RMSNorm"]
+__all__ = ["RMSNorm", "add_rms_norm", "rms_norm"]
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``x / sqrt(mean(x**2, -1) + eps) * weight``, computed in (at least) float32, returned in x's dtype."""
+    math_dtype = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(math_dtype)
+    return F.rms_norm(xf, [xf.shape[-1]], weight.to(math_dtype), eps).to(x.dtype)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual add fused with the norm that follows it (mamba_ssm's ``fused_add_norm``).
+
+    Returns ``(rms_norm(residual + x), residual + x)``: the sum is formed in the residual's dtype (float32
+    for Vim's residual stream) and normalised in float32; the norm comes back in the residual's dtype.
+    """
+    total = residual + x.to(residual.dtype)
+    return rms_norm(total, weight, eps), total
 
 
 class RMSNorm(nn.Module):
@@ -23,9 +39,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def forward_add(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """``(self(residual + x), residual + x)`` in one step, see :func:`add_rms_norm`."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

@@ -6,7 +6,8 @@ For an input grid x (batch, C, H, W):
    and SiLU;
 2. per direction k (row-major, column-major and both reversed) the projections ``x_proj_weight[k]`` to
    ``(dt, B, C)`` (ranks R, N, N) and ``dt_projs_weight[k]`` from R to ``d_inner``. Both act on one
-   position at a time, so they are computed once in storage order for all four directions;
+   position at a time, so they are computed once in storage order for all four directions, each as one
+   GEMM (``x_proj`` on the shared input, ``dt_projs`` block-diagonal);
 3. one :func:`~vmamba.kernels.multi_direction_selective_scan` call scans the four directions with their own
    ``A = -exp(A_logs)``, ``D = Ds`` and ``delta_bias = dt_projs_bias`` (softplus on delta) and sums them
    back onto the grid (VMamba's cross-merge); how the orders are realised is the kernel library's choice;
@@ -15,10 +16,10 @@ For an input grid x (batch, C, H, W):
 The parameter names and layouts are the official ones (``x_proj_weight`` (K, R+2N, D),
 ``dt_projs_weight`` (K, D, R), ``dt_projs_bias`` (K, D), ``A_logs`` (K*D, N), ``Ds`` (K*D)), with the
 official "v0" initialisation. ``in_proj``/``out_proj`` are ``nn.Conv2d`` 1x1 (official checkpoints store
-them as 2-D Linear weights; the model's checkpoint filter reshapes them).
+them as 2-D Linear weights; the model's checkpoint filter reshapes them); the forward applies their
+weights as GEMMs over token-major (B, H, W, channels) activations, which the depthwise conv sees as a
+channels-last tensor and the scan as ``.transpose(1, 2)`` views.
 """
-
-from __future__ import annotations
 
 import math
 from functools import partial
@@ -30,13 +31,49 @@ from torch import Tensor, nn
 
 from vmamba.kernels import VMAMBA_DIRECTIONS, multi_direction_selective_scan
 
+from .projections import block_diagonal
 from .ssm_init import init_a_log_, init_dt_bias_, init_dt_weight_
 
-__all__ = ["SS2D", "layer_norm_2d"]
+__all__ = ["SS2D", "cross_scan", "layer_norm_2d"]
 
 #: The official channel-first LayerNorm: an ``nn.LayerNorm`` over channels with the default eps 1e-5.
 #: timm's ``LayerNorm2d`` computes the same (permute, layer_norm, permute) but defaults to eps 1e-6.
 layer_norm_2d = partial(LayerNorm2d, eps=1e-5)
+
+
+@torch.jit.ignore
+def cross_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor,
+    delta_bias: Tensor,
+    height: int,
+    width: int,
+    backend: str,
+) -> Tensor:
+    """VMamba's four directions over an (height, width) grid as one scan, summed back onto the grid.
+
+    The mixer's only kernel call, a plain function with positional arguments so that TorchScript can leave
+    it to Python.
+    """
+    return multi_direction_selective_scan(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        None,
+        delta_bias,
+        True,
+        directions=VMAMBA_DIRECTIONS,
+        grid_size=(height, width),
+        merge="sum",
+        backend=backend,
+    )
 
 
 class SS2D(nn.Module):
@@ -55,8 +92,6 @@ class SS2D(nn.Module):
         proj_drop: dropout after ``out_proj``.
         scan_backend: selective-scan backend, see :func:`vmamba.kernels.selective_scan`.
     """
-
-    directions = VMAMBA_DIRECTIONS
 
     def __init__(
         self,
@@ -79,7 +114,7 @@ class SS2D(nn.Module):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        k = len(self.directions)
+        k = self.num_directions = len(VMAMBA_DIRECTIONS)
         self.dim = dim
         self.d_state = d_state
         self.d_inner = int(ssm_ratio * dim)
@@ -126,35 +161,41 @@ class SS2D(nn.Module):
         self.out_norm.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
+        """x (B, C, H, W) -> (B, C, H, W), returned in channels-last memory format.
+
+        The activations stay token-major, (B, H*W, channels) as the 1x1 projections (GEMMs) produce them:
+        the depthwise conv runs on their channels-last view, the scan reads ``.transpose(1, 2)`` views, and
+        the result comes back as a channels-last view of ``out_proj``'s output, so a channels-last input
+        goes through without a layout copy outside the scan and ``out_norm``.
+        """
         batch, _, height, width = x.shape
-        k, rank, n = len(self.directions), self.dt_rank, self.d_state
-        x = self.act(self.conv2d(self.in_proj(x)))
-        xs = x.flatten(2)  # (batch, d_inner, L), storage (row-major) order
-        # Per-position projections, all directions at once: (batch, K*(R+2N), L).
-        x_dbl = F.conv1d(xs, self.x_proj_weight.flatten(0, 1)[:, :, None])
-        dts, bs, cs = x_dbl.unflatten(1, (k, rank + 2 * n)).split([rank, n, n], dim=2)
-        # (batch, K*R, L) -> (batch, K*d_inner, L), direction k through dt_projs_weight[k].
-        dts = F.conv1d(dts.flatten(1, 2), self.dt_projs_weight.flatten(0, 1)[:, :, None], groups=k)
-        y = multi_direction_selective_scan(
-            xs,
-            dts,
+        k, r, n, d = self.num_directions, self.dt_rank, self.d_state, self.d_inner
+        length = height * width
+        h = F.linear(x.permute(0, 2, 3, 1), self.in_proj.weight.flatten(1))  # (B, H, W, d)
+        h = self.act(self.conv2d(h.permute(0, 3, 1, 2)))  # channels-last (B, d, H, W)
+        xs = h.permute(0, 2, 3, 1).reshape(batch, length, d)  # token-major (a view when channels-last)
+        # Per-position projections, all directions at once: (B, L, K, R + 2N).
+        x_dbl = F.linear(xs, self.x_proj_weight.flatten(0, 1)).view(batch, length, k, r + 2 * n)
+        # Direction k's rank-R steps through dt_projs_weight[k], one block-diagonal GEMM: (B, L, K*d).
+        delta = F.linear(x_dbl[..., :r].reshape(batch, length, k * r), block_diagonal(self.dt_projs_weight))
+        y = cross_scan(
+            xs.transpose(1, 2),
+            delta.transpose(1, 2),
             -torch.exp(self.A_logs.float()),
-            bs,
-            cs,
+            x_dbl[..., r : r + n].permute(0, 2, 3, 1),  # B: (B, K, N, L)
+            x_dbl[..., r + n :].permute(0, 2, 3, 1),  # C
             self.Ds.float(),
-            None,
             self.dt_projs_bias.flatten().float(),
-            True,
-            directions=self.directions,
-            grid_size=(height, width),
-            merge="sum",
-            backend=self.scan_backend,
+            height,
+            width,
+            self.scan_backend,
         )
-        y = self.out_norm(y.view(batch, self.d_inner, height, width)).to(x.dtype)
-        return self.proj_drop(self.out_proj(y))
+        y = self.out_norm(y.view(batch, d, height, width)).to(x.dtype)
+        y = F.linear(y.permute(0, 2, 3, 1), self.out_proj.weight.flatten(1))  # (B, H, W, C)
+        return self.proj_drop(y.permute(0, 3, 1, 2))
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}, "
-            f"directions={self.directions}"
+            f"directions={VMAMBA_DIRECTIONS}"
         )

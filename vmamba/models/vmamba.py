@@ -23,6 +23,7 @@ import logging
 import re
 
 import torch
+import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
 from timm.models import (
     build_model_with_cfg,
@@ -116,10 +117,25 @@ class VSSBlock(nn.Module):
             self.norm2 = self.mlp = self.drop_path2 = None
 
     def forward(self, x: Tensor) -> Tensor:
+        """x (B, C, H, W) -> the same shape, in channels-last memory format.
+
+        The block works on channels-last tensors (a no-op after the first block of a stage): the channel
+        LayerNorms then normalise contiguous rows with no permute copy, and the 1x1 projections are plain
+        GEMMs over tokens.
+        """
+        x = x.contiguous(memory_format=torch.channels_last)
         x = x + self.drop_path1(self.mixer(self.norm1(x)))
         if self.mlp is not None:
-            x = x + self.drop_path2(self.mlp(self.norm2(x)))
+            x = x + self.drop_path2(self._mlp(self.norm2(x)))
         return x
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        """timm's ``Mlp`` (1x1 convs, no norm) on a channels-last x, its convs as GEMMs over the tokens."""
+        mlp = self.mlp
+        assert mlp is not None
+        h = F.linear(x.permute(0, 2, 3, 1), mlp.fc1.weight.flatten(1), mlp.fc1.bias)
+        h = F.linear(mlp.drop1(mlp.act(h)), mlp.fc2.weight.flatten(1), mlp.fc2.bias)
+        return mlp.drop2(h).permute(0, 3, 1, 2)
 
 
 class VMambaStage(nn.Module):

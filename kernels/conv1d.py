@@ -1,0 +1,113 @@
+"""Depthwise causal conv1d (+ SiLU) for both directions of a bidirectional scan, as one convolution.
+
+Vim's mixer convolves the same sequence x twice: causally with the forward kernel, and causally over the
+reversed sequence with the backward kernel. In storage order the second is an *anti-causal* convolution
+with the kernel reversed. Both fit one depthwise convolution with ``2k - 1`` taps centred on each token:
+the forward kernel on taps ``0..k-1`` (the token and the k-1 before it), the reversed backward kernel on
+taps ``k-1..2k-2`` (the token and the k-1 after it), zeros elsewhere, two output channels per input
+channel. :func:`bidirectional_causal_conv1d` is that one call, in the token-major layout the projections
+produce and consume; :func:`bidirectional_causal_conv1d_reference` is the float64 loop it is tested
+against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["bidirectional_causal_conv1d", "bidirectional_causal_conv1d_reference"]
+
+
+def _check(x: Tensor, weight: Tensor, bias: Tensor | None, weight_b: Tensor, bias_b: Tensor | None) -> int:
+    """Validate the shapes; return the kernel width k."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, L, channels), got shape {list(x.shape)}")
+    channels = x.shape[2]
+    k = weight.shape[-1]
+    for w in [weight, weight_b]:
+        if w.numel() != channels * k or w.shape[0] != channels or w.shape[-1] != k:
+            raise ValueError(
+                f"weight and weight_b must be (channels, k) or (channels, 1, k) = ({channels}, {k}), "
+                f"got {list(weight.shape)} and {list(weight_b.shape)}"
+            )
+    for b in [bias, bias_b]:
+        if b is not None and (b.dim() != 1 or b.shape[0] != channels):
+            raise ValueError(f"bias and bias_b must be ({channels},) or None, got {list(b.shape)}")
+    return k
+
+
+def bidirectional_causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    weight_b: Tensor,
+    bias_b: Tensor | None,
+    silu: bool = True,
+) -> Tensor:
+    """Forward-causal and backward-causal depthwise conv1d of one sequence, optionally followed by SiLU.
+
+    Args:
+        x: (batch, L, C), token-major; any strides (e.g. a slice of a projection's output).
+        weight, weight_b: (C, k) or (C, 1, k) (``nn.Conv1d`` layout) kernels of the two directions.
+        bias, bias_b: (C,) or None.
+        silu: apply SiLU to the result.
+
+    Returns:
+        (batch, L, 2C) contiguous: channels ``[:C]`` are ``y_f[t] = sum_j weight[c, j] x[t - k + 1 + j]``
+        (causal, zero-padded), channels ``[C:]`` the backward direction in storage order,
+        ``y_b[t] = sum_j weight_b[c, j] x[t + k - 1 - j]`` (a causal convolution of the reversed sequence,
+        reversed back), each plus its bias.
+    """
+    k = _check(x, weight, bias, weight_b, bias_b)
+    batch, length, channels = x.shape
+    w_f = weight.reshape(channels, k)
+    w_b = weight_b.reshape(channels, k)
+    # (C, 2, 2k-1): tap k-1 is the token itself; output channel 2c + d is input channel c, direction d.
+    taps = torch.stack([F.pad(w_f, (0, k - 1)), F.pad(w_b.flip(-1), (k - 1, 0))], dim=1)
+    if bias is None and bias_b is None:
+        both_bias: Tensor | None = None
+    else:
+        zeros = torch.zeros(channels, dtype=weight.dtype, device=weight.device)
+        both_bias = torch.stack([zeros if bias is None else bias, zeros if bias_b is None else bias_b], dim=1)
+        both_bias = both_bias.reshape(2 * channels)
+    y = F.conv1d(
+        x.transpose(1, 2),
+        taps.reshape(2 * channels, 1, 2 * k - 1),
+        both_bias,
+        padding=k - 1,
+        groups=channels,
+    )
+    # (B, C*2, L) -> token-major, direction-major channels (B, L, 2, C): the one copy of the op.
+    y = y.view(batch, channels, 2, length).permute(0, 3, 2, 1).reshape(batch, length, 2 * channels)
+    return F.silu(y) if silu else y
+
+
+def bidirectional_causal_conv1d_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    weight_b: Tensor,
+    bias_b: Tensor | None,
+    silu: bool = True,
+) -> Tensor:
+    """The definition of :func:`bidirectional_causal_conv1d` as float64 loops over taps (a test oracle).
+
+    The backward direction is computed literally: reverse the sequence, convolve causally, reverse back.
+    """
+    k = _check(x, weight, bias, weight_b, bias_b)
+    channels = x.shape[2]
+    x64 = x.double()
+
+    def causal(seq: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        w = w.reshape(channels, k).double()
+        out = torch.zeros_like(seq)
+        for t in range(seq.shape[1]):
+            for j in range(k):
+                src = t - (k - 1) + j
+                if src >= 0:
+                    out[:, t] += w[:, j] * seq[:, src]
+        return out if b is None else out + b.double()
+
+    y = torch.cat([causal(x64, weight, bias), causal(x64.flip(1), weight_b, bias_b).flip(1)], dim=2)
+    return F.silu(y) if silu else y

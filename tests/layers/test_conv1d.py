@@ -1,0 +1,93 @@
+"""The fused bidirectional causal conv1d against its float64 loop reference and the official two-conv form."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vmamba.kernels import bidirectional_causal_conv1d, bidirectional_causal_conv1d_reference
+
+
+def _inputs(batch=2, length=9, channels=5, k=4, bias=True, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    x = rnd(batch, length, channels)
+    return (
+        x,
+        rnd(channels, 1, k),
+        rnd(channels) if bias else None,
+        rnd(channels, 1, k),
+        rnd(channels) if bias else None,
+    )
+
+
+@pytest.mark.parametrize("length", [1, 2, 9])
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("bias, silu", [(True, True), (False, False)])
+def test_matches_float64_reference(length, k, bias, silu):
+    args = _inputs(length=length, k=k, bias=bias)
+    out = bidirectional_causal_conv1d(*args, silu=silu)
+    ref = bidirectional_causal_conv1d_reference(*args, silu=silu)
+    assert out.shape == (2, length, 10) and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_matches_the_official_two_convolutions():
+    """Official Vim: conv1d(x) causally, and conv1d_b over the flipped sequence, flipped back."""
+    x, w, b, w_b, b_b = _inputs(length=11, dtype=torch.float32)
+    k, channels = w.shape[-1], x.shape[2]
+    xc = x.transpose(1, 2)
+    fwd = F.conv1d(xc, w, b, padding=k - 1, groups=channels)[..., : x.shape[1]]
+    bwd = F.conv1d(xc.flip(-1), w_b, b_b, padding=k - 1, groups=channels)[..., : x.shape[1]].flip(-1)
+    expected = F.silu(torch.cat([fwd, bwd], dim=1)).transpose(1, 2)
+    torch.testing.assert_close(bidirectional_causal_conv1d(x, w, b, w_b, b_b), expected)
+
+
+def test_reads_strided_token_major_input():
+    """x may be a slice of a projection's (B, L, 2C) output, as in the Vim mixer."""
+    x, w, b, w_b, b_b = _inputs(channels=6)
+    xz = torch.cat([x, torch.randn_like(x)], dim=2)
+    torch.testing.assert_close(
+        bidirectional_causal_conv1d(xz[..., :6], w, b, w_b, b_b),
+        bidirectional_causal_conv1d(x, w, b, w_b, b_b),
+    )
+
+
+def test_gradients_match_reference_and_finite_differences():
+    args = [t.requires_grad_() for t in _inputs(batch=1, length=6, channels=3, k=3)]
+    out = bidirectional_causal_conv1d(*args)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, args, grad)
+    want = torch.autograd.grad(bidirectional_causal_conv1d_reference(*args), args, grad)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
+    assert torch.autograd.gradcheck(bidirectional_causal_conv1d, args)
+
+
+def test_half_precision_close_to_reference():
+    x, w, b, w_b, b_b = _inputs(dtype=torch.float32)
+    out = bidirectional_causal_conv1d(
+        x.bfloat16(), w.bfloat16(), b.bfloat16(), w_b.bfloat16(), b_b.bfloat16()
+    )
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        out.double(), bidirectional_causal_conv1d_reference(x, w, b, w_b, b_b), rtol=0.05, atol=0.05
+    )
+
+
+def test_bad_shapes_are_named():
+    x, w, b, w_b, b_b = _inputs()
+    with pytest.raises(ValueError, match="x must be"):
+        bidirectional_causal_conv1d(x[0], w, b, w_b, b_b)
+    with pytest.raises(ValueError, match="weight and weight_b"):
+        bidirectional_causal_conv1d(x, w, b, w_b[:, :, :2], b_b)
+    with pytest.raises(ValueError, match="bias and bias_b"):
+        bidirectional_causal_conv1d(x, w, b, w_b, b_b[:2])
+
+
+def test_scriptable():
+    args = _inputs(dtype=torch.float32)
+    scripted = torch.jit.script(bidirectional_causal_conv1d)
+    torch.testing.assert_close(scripted(*args, True), bidirectional_causal_conv1d(*args))

@@ -1,0 +1,54 @@
+"""RMSNorm and the fused residual add + RMSNorm against float64 formulas."""
+
+import pytest
+import torch
+
+from vmamba.layers import RMSNorm
+from vmamba.layers.norm import add_rms_norm, rms_norm
+
+
+def _rms_norm64(x, weight, eps):
+    x = x.double()
+    return x / torch.sqrt(x.square().mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def test_rms_norm_matches_formula():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 5, 8, generator=g), torch.randn(8, generator=g)
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), _rms_norm64(x, w, 1e-5).float())
+    norm = RMSNorm(8, eps=1e-3)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    torch.testing.assert_close(norm(x), _rms_norm64(x, w, 1e-3).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_computes_in_float32_and_keeps_dtype(dtype):
+    x, w = torch.randn(3, 16).to(dtype), torch.randn(16).to(dtype)
+    out = rms_norm(x, w, 1e-5)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, _rms_norm64(x, w, 1e-5).to(dtype))
+
+
+def test_add_rms_norm_returns_norm_of_sum_and_sum():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, generator=g).bfloat16()  # a half-precision mixer output
+    residual = torch.randn(2, 4, 8, generator=g)  # float32 residual stream
+    w = torch.randn(8, generator=g)
+    normed, total = add_rms_norm(x, residual, w, 1e-5)
+    assert total.dtype == normed.dtype == torch.float32
+    torch.testing.assert_close(total, residual + x.float())
+    torch.testing.assert_close(normed, _rms_norm64(residual + x.float(), w, 1e-5).float())
+    norm = RMSNorm(8)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    for a, b in zip(norm.forward_add(x, residual), (normed, total)):
+        torch.testing.assert_close(a, b)
+
+
+def test_rms_norm_gradients():
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-5), (x, w))
+    r = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, r, w: add_rms_norm(x, r, w, 1e-5), (x, r, w))
