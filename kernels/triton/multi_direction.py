@@ -15,8 +15,8 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from ..directions import MERGES, _canonical
 from ..reference import math_dtype
+from ..token_orders import MERGES, canonical_directions
 from ._common import DIRECTION_CODES, state_chunk
 from .scan_bwd import launch_backward
 from .scan_fwd import launch_forward
@@ -318,7 +318,7 @@ def triton_multi_direction_scan(
         raise ValueError("directions must name at least one direction")
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-    names = [_canonical(d, grid_size) for d in directions]
+    names = canonical_directions(directions, grid_size)
     if delta.dim() != 3 or delta.shape[1] % k:
         raise ValueError(f"delta must be (batch, K*C, L) with K={k}, got shape {tuple(delta.shape)}")
     batch, total, length = delta.shape
