@@ -32,11 +32,18 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint_seq,
+    generate_default_cfgs,
+    register_model,
+    register_notrace_function,
+)
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import Tensor, nn
 
+from vmamba.kernels import multi_direction_scan_op, multi_direction_selective_scan
 from vmamba.layers.mamba_mixer import BiMambaMixer
 from vmamba.layers.norm import RMSNorm
 from vmamba.layers.patch_embed import PatchEmbed
@@ -55,7 +62,12 @@ __all__ = [
 
 _GLOBAL_POOLS = ("", "token", "avg", "max")
 
+# torch.fx leaves: the scan checks its sizes and picks a backend at run time, so it stays one call.
+register_notrace_function(multi_direction_scan_op)
+register_notrace_function(multi_direction_selective_scan)
 
+
+@register_notrace_function  # compares sizes in Python: a leaf for torch.fx
 def resample_pos_embed(
     pos_embed: Tensor,
     new_size: Sequence[int],
@@ -147,6 +159,10 @@ class VimBlock(nn.Module):
 class Vim(nn.Module):
     """Vision Mamba (Vim) classifier / backbone.
 
+    Compiles with ``torch.jit.script`` (without ``dynamic_img_size``) and traces with ``torch.fx`` through
+    timm's helpers (``timm.models.get_notrace_functions``): the scan, the input-size check and the
+    position-embedding resampling are leaves.
+
     ``forward_features`` returns all tokens (B, M + 1, D) after the final norm, the class token at index
     M // 2; ``forward_head`` pools (the class token by default) and classifies.
 
@@ -171,6 +187,8 @@ class Vim(nn.Module):
             init leaves it at zero).
         scan_backend: selective-scan backend for every mixer (``"auto"`` picks per device).
     """
+
+    __constants__ = ["dynamic_img_size"]  # TorchScript then compiles only the branch taken
 
     def __init__(
         self,
@@ -322,7 +340,7 @@ class Vim(nn.Module):
         x = self.patch_embed(x)
         batch, height, width, dim = x.shape
         pos_embed = self.pos_embed
-        if self.dynamic_img_size and (height, width) != tuple(self.patch_embed.grid_size):
+        if self.dynamic_img_size:  # resample_pos_embed returns pos_embed itself when the grid is the same
             pos_embed = resample_pos_embed(
                 pos_embed, (height, width), self.patch_embed.grid_size, self.num_prefix_tokens
             )
