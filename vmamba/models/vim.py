@@ -22,8 +22,6 @@ Differences from the official code, all without effect on the outputs of the off
   embedding) is ``pos_drop_rate``. Both default to 0, as in every official recipe.
 """
 
-from __future__ import annotations
-
 import math
 import re
 from collections.abc import Sequence
@@ -512,6 +510,13 @@ def _create_vim(variant: str, pretrained: bool = False, **kwargs: Any) -> Vim:
     out_indices = kwargs.pop("out_indices", default_out_indices(kwargs.get("depth", 24)))
     feature_cfg = dict(out_indices=out_indices, feature_cls="getter")
     feature_cfg.update(kwargs.pop("feature_cfg", None) or {})
+    if "feature_cls" in kwargs:
+        feature_cfg["feature_cls"] = kwargs.pop("feature_cls")
+    if kwargs.get("features_only") and feature_cfg["feature_cls"] == "fx":
+        raise ValueError(
+            "Vim has no fx feature extraction: a traced graph yields token sequences with the class token, "
+            "not feature maps. Use the default feature_cls ('getter'), which returns NCHW maps"
+        )
     return build_model_with_cfg(
         Vim,
         variant,
