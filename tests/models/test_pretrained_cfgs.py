@@ -11,6 +11,7 @@ import vmamba  # noqa: F401  (registers the models)
 
 DENSE_TAGS = {
     "vmamba_tiny_s1l8": ("ade20k_upernet", "coco_maskrcnn_1x", "coco_maskrcnn_3x"),
+    "vmamba_tiny_s2l5": ("ade20k_upernet", "coco_maskrcnn_1x", "coco_maskrcnn_3x"),
     "vmamba_small_s2l15": ("ade20k_upernet", "coco_maskrcnn_1x", "coco_maskrcnn_3x"),
     "vmamba_base_s2l15": ("ade20k_upernet", "coco_maskrcnn_1x", "coco_maskrcnn_1x_bs8"),
 }

@@ -528,10 +528,21 @@ default_cfgs = generate_default_cfgs(
         "vmamba_tiny_s2l5.in1k": _cfg("vssm_tiny_0230_ckpt_epoch_262.pth"),
         "vmamba_small_s2l15.in1k": _cfg("vssm_small_0229_ckpt_epoch_222.pth"),
         "vmamba_base_s2l15.in1k": _cfg("vssm_base_0229_ckpt_epoch_237.pth"),
-        # Dense-prediction backbones (official README): UperNet 160k on ADE20K at 512x512, mIoU
-        # single-/multi-scale; Mask R-CNN with FPN on COCO, box / mask AP.
+        # Dense-prediction backbones (official README, assets/performance.md): UperNet 160k on ADE20K
+        # at 512x512, mIoU single-/multi-scale; Mask R-CNN with FPN on COCO, box / mask AP.
         "vmamba_tiny_s1l8.ade20k_upernet": _dense_cfg(
             _UPERNET + "tiny_s_iter_160000.pth", result="ADE20K UperNet 160k mIoU 47.9 / 48.8 (MS)", **_ADE20K
+        ),
+        "vmamba_tiny_s2l5.ade20k_upernet": _dense_cfg(
+            _UPERNET + "tiny_iter_160000.pth", result="ADE20K UperNet 160k mIoU 48.3 / 48.6 (MS)", **_ADE20K
+        ),
+        "vmamba_tiny_s2l5.coco_maskrcnn_1x": _dense_cfg(
+            _MASK_RCNN + "tiny_epoch_12.pth", result="COCO Mask R-CNN 1x box AP 47.4, mask AP 42.7", **_COCO
+        ),
+        "vmamba_tiny_s2l5.coco_maskrcnn_3x": _dense_cfg(
+            _MASK_RCNN + "tiny_ms_3x_epoch_36.pth",
+            result="COCO Mask R-CNN 3x (multi-scale) box AP 48.9, mask AP 43.7",
+            **_COCO,
         ),
         "vmamba_small_s2l15.ade20k_upernet": _dense_cfg(
             _UPERNET + "small_iter_144000.pth", result="ADE20K UperNet 160k mIoU 50.6 / 51.2 (MS)", **_ADE20K
