@@ -144,11 +144,13 @@ def test_input_size_check_survives_tracing_and_scripting():
         dynamic(tiny)
 
 
-def test_dynamic_img_size_traces():
-    """dynamic_img_size: the resampling is an fx leaf, so the traced model takes other sizes too."""
+def test_dynamic_img_size_traces_and_scripts():
+    """dynamic_img_size: the resampling is an fx leaf and a Python call in TorchScript; other sizes work."""
     model = _create("vim_tiny_patch16_224", dynamic_img_size=True).eval()
-    traced = _fx_model(model)
+    traced, scripted = _fx_model(model), torch.jit.script(model)
     with torch.inference_mode():
         for size in ((32, 32), (48, 40)):
             x = torch.randn(1, 3, *size)
-            assert torch.equal(traced(x), model(x))
+            expected = model(x)
+            assert torch.equal(traced(x), expected)
+            torch.testing.assert_close(scripted(x), expected, rtol=0, atol=0)

@@ -65,11 +65,12 @@ register_notrace_function(multi_direction_scan_op)
 register_notrace_function(multi_direction_selective_scan)
 
 
-@register_notrace_function  # compares sizes in Python: a leaf for torch.fx
+@register_notrace_function  # compares sizes in Python: a leaf for torch.fx ...
+@torch.jit.ignore  # ... and a Python call for TorchScript, which then passes every argument positionally
 def resample_pos_embed(
     pos_embed: Tensor,
-    new_size: Sequence[int],
-    old_size: Sequence[int],
+    new_size: tuple[int, int],
+    old_size: tuple[int, int],
     num_prefix_tokens: int = 1,
     interpolation: str = "bicubic",
     antialias: bool = True,
@@ -339,8 +340,9 @@ class Vim(nn.Module):
         batch, height, width, dim = x.shape
         pos_embed = self.pos_embed
         if self.dynamic_img_size:  # resample_pos_embed returns pos_embed itself when the grid is the same
+            grid = self.patch_embed.grid_size
             pos_embed = resample_pos_embed(
-                pos_embed, (height, width), self.patch_embed.grid_size, self.num_prefix_tokens
+                pos_embed, (height, width), grid, self.num_prefix_tokens, "bicubic", True
             )
         # The residual stream is kept in (at least) float32, as the official residual_in_fp32.
         x = x.reshape(batch, height * width, dim).to(torch.promote_types(x.dtype, torch.float32))

@@ -18,6 +18,7 @@ weights); :func:`checkpoint_filter_fn` converts them and names every key that do
 """
 
 import logging
+import math
 import re
 
 import torch
@@ -510,7 +511,8 @@ def _dense_cfg(file: str, release: str, result: str, input_size: tuple[int, int,
 
     Load with ``features_only=True, pretrained=True, pretrained_cfg_overlay=dict(file=path)``.
     """
-    cfg = _cfg(file, release, num_classes=0, input_size=input_size, pool_size=None, crop_pct=1.0)
+    pool_size = (math.ceil(input_size[1] / 32), math.ceil(input_size[2] / 32))
+    cfg = _cfg(file, release, num_classes=0, input_size=input_size, pool_size=pool_size, crop_pct=1.0)
     cfg["notes"] = (result, *cfg["notes"], "a backbone for dense prediction: load it with features_only=True")
     return cfg
 
