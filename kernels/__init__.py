@@ -7,7 +7,7 @@ See ``docs/kernels.md`` for the semantics and for which backend runs when.
 """
 
 from .backends import BACKEND_ENV_VAR, BACKEND_NAMES, ScanBackend, available_backends, register_backend
-from .directions import multi_direction_scan_op, multi_direction_selective_scan
+from .directions import multi_direction_selective_scan
 from .reference import selective_scan_reference
 from .selective_scan import check_scan_inputs, selective_scan
 from .token_orders import DIRECTIONS, VIM_DIRECTIONS, VMAMBA_DIRECTIONS, from_directions, to_directions
@@ -22,7 +22,6 @@ __all__ = [
     "available_backends",
     "check_scan_inputs",
     "from_directions",
-    "multi_direction_scan_op",
     "multi_direction_selective_scan",
     "register_backend",
     "selective_scan",

@@ -4,10 +4,9 @@ The orders themselves (names, aliases, reorderings) live in :mod:`.token_orders`
 gets its own parameters, its block of channels is scanned in its own order and brought back to storage
 order before merging. A backend with a fused ``multi_direction`` hook (Triton) realises the orders in the
 kernel instead and receives the canonical direction names.
-
-This module has no ``from __future__ import annotations``: TorchScript reads the annotations of
-:func:`multi_direction_scan_op` as real objects.
 """
+
+from __future__ import annotations
 
 from collections.abc import Sequence
 
@@ -18,7 +17,7 @@ from .backends import resolve_backend
 from .selective_scan import selective_scan
 from .token_orders import MERGES, canonical_directions, check_grid, from_directions, to_direction_order
 
-__all__ = ["multi_direction_scan_op", "multi_direction_selective_scan"]
+__all__ = ["multi_direction_selective_scan"]
 
 
 def _per_direction(
@@ -71,8 +70,7 @@ def multi_direction_selective_scan(
         merge: ``"sum"``, ``"mean"`` (the average over directions) or ``"none"`` (batch, K, C, L).
 
     A backend's ``multi_direction`` hook is called with the same arguments, ``directions`` replaced by
-    their canonical names (a tuple) and ``merge`` already checked. Modules that must compile with
-    TorchScript call :func:`multi_direction_scan_op` instead.
+    their canonical names (a tuple) and ``merge`` already checked.
     """
     k = len(directions)
     if k == 0:
@@ -115,44 +113,3 @@ def multi_direction_selective_scan(
     Cs = _per_direction(C.flatten(1, 2), k, "C", groups * C.shape[2], names, grid_size).view(C.shape)
     ys = selective_scan(us, deltas, A, Bs, Cs, D, zs, delta_bias, delta_softplus, backend=backend)
     return from_directions(ys.unflatten(1, (k, channels)), names, grid_size, merge)
-
-
-@torch.jit.ignore
-def multi_direction_scan_op(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    delta_bias: Tensor | None,
-    delta_softplus: bool,
-    directions: list[str],
-    grid_size: tuple[int, int] | None,
-    merge: str,
-    backend: str,
-) -> Tensor:
-    """:func:`multi_direction_selective_scan` with all 13 arguments, given positionally.
-
-    The form for modules that must compile with ``torch.jit.script``: TorchScript leaves the call to
-    Python, but it ignores the defaults of such a function and does not bind its keyword arguments
-    reliably, so every argument is passed, in order. ``directions`` may be a tuple held as an instance
-    attribute (TorchScript hands it over as a list). For ``torch.fx`` the models register this function
-    (and :func:`multi_direction_selective_scan`) as a leaf.
-    """
-    return multi_direction_selective_scan(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D,
-        z,
-        delta_bias,
-        delta_softplus,
-        directions=directions,
-        grid_size=grid_size,
-        merge=merge,
-        backend=backend,
-    )

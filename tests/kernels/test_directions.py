@@ -1,4 +1,4 @@
-"""Scan directions: token orders, their inverses, and the one-call multi-direction scan (also from TorchScript)."""
+"""Scan directions: token orders, their inverses, and the one-call multi-direction scan."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from vmamba.kernels import (
     VMAMBA_DIRECTIONS,
     ScanBackend,
     from_directions,
-    multi_direction_scan_op,
     multi_direction_selective_scan,
     selective_scan_reference,
     to_directions,
@@ -166,39 +165,3 @@ def test_fused_hook_gets_canonical_names(monkeypatch):
     assert seen == {"directions": ("row", "col_reversed"), "grid_size": (2, 3), "merge": "mean"}
     with pytest.raises(ValueError, match="merge must be"):
         multi_direction_selective_scan(u, delta, A, B, B, directions=VIM_DIRECTIONS, merge="max")
-
-
-class _ScriptedMixer(torch.nn.Module):
-    """The call a TorchScript-compiled mixer makes: every argument positional, directions an attribute."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.directions = VMAMBA_DIRECTIONS
-
-    def forward(self, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        grid = (u.shape[-1] // 3, 3)
-        return multi_direction_scan_op(
-            u, delta, A, B, B, None, u, None, True, self.directions, grid, "sum", "torch"
-        )
-
-
-def test_scan_op_from_torchscript_matches_eager():
-    torch.manual_seed(0)
-    u, delta = torch.randn(2, 3, 12), torch.randn(2, 12, 12)
-    A, B = -torch.rand(12, 2), torch.randn(2, 4, 2, 12)
-    expected = multi_direction_selective_scan(
-        u,
-        delta,
-        A,
-        B,
-        B,
-        None,
-        u,
-        None,
-        True,
-        directions=VMAMBA_DIRECTIONS,
-        grid_size=(4, 3),
-        backend="torch",
-    )
-    scripted = torch.jit.script(_ScriptedMixer())
-    torch.testing.assert_close(scripted(u, delta, A, B), expected, rtol=0, atol=0)

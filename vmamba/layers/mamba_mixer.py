@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vmamba.kernels import VIM_DIRECTIONS, multi_direction_scan_op
+from vmamba.kernels import VIM_DIRECTIONS, multi_direction_selective_scan
 
 from .ssm_init import init_a_log_, init_dt_bias_, init_dt_weight_
 
@@ -71,7 +71,6 @@ class BiMambaMixer(nn.Module):
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.symmetric_dt_init = symmetric_dt_init
         self.scan_backend = scan_backend
-        self.directions = VIM_DIRECTIONS  # an instance attribute, so that TorchScript sees it
 
         self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=bias, **dd)
         # Forward direction (official names).
@@ -117,14 +116,10 @@ class BiMambaMixer(nn.Module):
                 self.dt_proj_b.reset_parameters()  # PyTorch default weight, as left by the official code
                 self.dt_proj_b.bias.zero_()  # zeroed by the official model-level init
 
-    def _scan_inputs(
-        self, u: Tensor, x_proj_weight: Tensor, dt_proj_weight: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def _scan_inputs(self, u: Tensor, x_proj: nn.Linear, dt_proj: nn.Linear) -> tuple[Tensor, Tensor, Tensor]:
         """One direction's (delta, B, C) from its conv output u (B, E, L); dt_proj's bias is applied in the scan."""
-        dt, b, c = F.linear(u.transpose(1, 2), x_proj_weight).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1
-        )
-        delta = F.linear(dt, dt_proj_weight).transpose(1, 2)  # (B, E, L)
+        dt, b, c = x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L)
         return delta, b.transpose(1, 2), c.transpose(1, 2)  # B, C: (B, N, L)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -144,10 +139,10 @@ class BiMambaMixer(nn.Module):
                 groups=self.d_inner,
             )
         )
-        delta_f, b_f, c_f = self._scan_inputs(u_f, self.x_proj.weight, self.dt_proj.weight)
-        delta_b, b_b, c_b = self._scan_inputs(u_b, self.x_proj_b.weight, self.dt_proj_b.weight)
+        delta_f, b_f, c_f = self._scan_inputs(u_f, self.x_proj, self.dt_proj)
+        delta_b, b_b, c_b = self._scan_inputs(u_b, self.x_proj_b, self.dt_proj_b)
 
-        y = multi_direction_scan_op(  # every argument positional (TorchScript)
+        y = multi_direction_selective_scan(
             torch.cat([u_f, u_b], dim=1),
             torch.cat([delta_f, delta_b], dim=1),
             -torch.exp(torch.cat([self.A_log, self.A_b_log]).float()),
@@ -156,11 +151,10 @@ class BiMambaMixer(nn.Module):
             torch.cat([self.D, self.D_b]).float(),
             z,  # shared gate, in storage order
             torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
-            True,
-            self.directions,
-            None,
-            "mean",
-            self.scan_backend,
+            delta_softplus=True,
+            directions=VIM_DIRECTIONS,
+            merge="mean",
+            backend=self.scan_backend,
         )
         return self.out_proj(y.transpose(1, 2))
 

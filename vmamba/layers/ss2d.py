@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d, trunc_normal_
 from torch import Tensor, nn
 
-from vmamba.kernels import VMAMBA_DIRECTIONS, multi_direction_scan_op
+from vmamba.kernels import VMAMBA_DIRECTIONS, multi_direction_selective_scan
 
 from .ssm_init import init_a_log_, init_dt_bias_, init_dt_weight_
 
@@ -56,6 +56,8 @@ class SS2D(nn.Module):
         scan_backend: selective-scan backend, see :func:`vmamba.kernels.selective_scan`.
     """
 
+    directions = VMAMBA_DIRECTIONS
+
     def __init__(
         self,
         dim: int,
@@ -77,7 +79,6 @@ class SS2D(nn.Module):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.directions = VMAMBA_DIRECTIONS  # an instance attribute, so that TorchScript sees it
         k = len(self.directions)
         self.dim = dim
         self.d_state = d_state
@@ -134,7 +135,7 @@ class SS2D(nn.Module):
         dts, bs, cs = x_dbl.unflatten(1, (k, rank + 2 * n)).split([rank, n, n], dim=2)
         # (batch, K*R, L) -> (batch, K*d_inner, L), direction k through dt_projs_weight[k].
         dts = F.conv1d(dts.flatten(1, 2), self.dt_projs_weight.flatten(0, 1)[:, :, None], groups=k)
-        y = multi_direction_scan_op(  # every argument positional (TorchScript)
+        y = multi_direction_selective_scan(
             xs,
             dts,
             -torch.exp(self.A_logs.float()),
@@ -144,10 +145,10 @@ class SS2D(nn.Module):
             None,
             self.dt_projs_bias.flatten().float(),
             True,
-            self.directions,
-            (height, width),
-            "sum",
-            self.scan_backend,
+            directions=self.directions,
+            grid_size=(height, width),
+            merge="sum",
+            backend=self.scan_backend,
         )
         y = self.out_norm(y.view(batch, self.d_inner, height, width)).to(x.dtype)
         return self.proj_drop(self.out_proj(y))

@@ -41,8 +41,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import Tensor, nn
 
-from vmamba.kernels import multi_direction_scan_op, multi_direction_selective_scan
-from vmamba.layers.mamba_mixer import BiMambaMixer
+from vmamba.layers.mamba_mixer import BiMambaMixer, bidirectional_scan
 from vmamba.layers.norm import RMSNorm
 from vmamba.layers.patch_embed import PatchEmbed
 
@@ -60,9 +59,8 @@ __all__ = [
 
 _GLOBAL_POOLS = ("", "token", "avg", "max")
 
-# torch.fx leaves: the scan checks its sizes and picks a backend at run time, so it stays one call.
-register_notrace_function(multi_direction_scan_op)
-register_notrace_function(multi_direction_selective_scan)
+# A torch.fx leaf: the mixer's scan checks its sizes and picks a backend at run time, so it stays one call.
+register_notrace_function(bidirectional_scan)
 
 
 @register_notrace_function  # compares sizes in Python: a leaf for torch.fx ...

@@ -34,17 +34,15 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from vmamba.kernels import multi_direction_scan_op, multi_direction_selective_scan
-from vmamba.layers.ss2d import SS2D, layer_norm_2d
+from vmamba.layers.ss2d import SS2D, cross_scan, layer_norm_2d
 from vmamba.models._helpers import check_state_dict_fits, resolve_pretrained_file, select_state_dict
 
 __all__ = ["VMamba", "VSSBlock", "checkpoint_filter_fn"]
 
 _logger = logging.getLogger(__name__)
 
-# torch.fx leaves: the scan checks its sizes and picks a backend at run time, so it stays one call.
-register_notrace_function(multi_direction_scan_op)
-register_notrace_function(multi_direction_selective_scan)
+# A torch.fx leaf: the mixer's scan checks its sizes and picks a backend at run time, so it stays one call.
+register_notrace_function(cross_scan)
 
 
 class Stem(nn.Module):
