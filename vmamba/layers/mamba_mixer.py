@@ -1,7 +1,5 @@
 """Vim's bidirectional Mamba mixer ("bimamba v2") on top of the multi-direction selective scan."""
 
-from __future__ import annotations
-
 import math
 
 import torch
@@ -12,7 +10,40 @@ from vmamba.kernels import VIM_DIRECTIONS, multi_direction_selective_scan
 
 from .ssm_init import init_a_log_, init_dt_bias_, init_dt_weight_
 
-__all__ = ["BiMambaMixer"]
+__all__ = ["BiMambaMixer", "bidirectional_scan"]
+
+
+@torch.jit.ignore
+def bidirectional_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor,
+    z: Tensor,
+    delta_bias: Tensor,
+    backend: str,
+) -> Tensor:
+    """Vim's two directions (forward, backward) as one scan, averaged: the mixer's only kernel call.
+
+    A plain function with positional arguments so that TorchScript leaves it to Python (and the model
+    files register it as a torch.fx leaf).
+    """
+    return multi_direction_selective_scan(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        delta_softplus=True,
+        directions=VIM_DIRECTIONS,
+        merge="mean",
+        backend=backend,
+    )
 
 
 class BiMambaMixer(nn.Module):
@@ -116,10 +147,14 @@ class BiMambaMixer(nn.Module):
                 self.dt_proj_b.reset_parameters()  # PyTorch default weight, as left by the official code
                 self.dt_proj_b.bias.zero_()  # zeroed by the official model-level init
 
-    def _scan_inputs(self, u: Tensor, x_proj: nn.Linear, dt_proj: nn.Linear) -> tuple[Tensor, Tensor, Tensor]:
+    def _scan_inputs(
+        self, u: Tensor, x_proj_weight: Tensor, dt_proj_weight: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """One direction's (delta, B, C) from its conv output u (B, E, L); dt_proj's bias is applied in the scan."""
-        dt, b, c = x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L)
+        dt, b, c = F.linear(u.transpose(1, 2), x_proj_weight).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        delta = F.linear(dt, dt_proj_weight).transpose(1, 2)  # (B, E, L)
         return delta, b.transpose(1, 2), c.transpose(1, 2)  # B, C: (B, N, L)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -139,10 +174,10 @@ class BiMambaMixer(nn.Module):
                 groups=self.d_inner,
             )
         )
-        delta_f, b_f, c_f = self._scan_inputs(u_f, self.x_proj, self.dt_proj)
-        delta_b, b_b, c_b = self._scan_inputs(u_b, self.x_proj_b, self.dt_proj_b)
+        delta_f, b_f, c_f = self._scan_inputs(u_f, self.x_proj.weight, self.dt_proj.weight)
+        delta_b, b_b, c_b = self._scan_inputs(u_b, self.x_proj_b.weight, self.dt_proj_b.weight)
 
-        y = multi_direction_selective_scan(
+        y = bidirectional_scan(
             torch.cat([u_f, u_b], dim=1),
             torch.cat([delta_f, delta_b], dim=1),
             -torch.exp(torch.cat([self.A_log, self.A_b_log]).float()),
@@ -151,10 +186,7 @@ class BiMambaMixer(nn.Module):
             torch.cat([self.D, self.D_b]).float(),
             z,  # shared gate, in storage order
             torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
-            delta_softplus=True,
-            directions=VIM_DIRECTIONS,
-            merge="mean",
-            backend=self.scan_backend,
+            self.scan_backend,
         )
         return self.out_proj(y.transpose(1, 2))
 

@@ -18,8 +18,6 @@ official "v0" initialisation. ``in_proj``/``out_proj`` are ``nn.Conv2d`` 1x1 (of
 them as 2-D Linear weights; the model's checkpoint filter reshapes them).
 """
 
-from __future__ import annotations
-
 import math
 from functools import partial
 
@@ -32,11 +30,46 @@ from vmamba.kernels import VMAMBA_DIRECTIONS, multi_direction_selective_scan
 
 from .ssm_init import init_a_log_, init_dt_bias_, init_dt_weight_
 
-__all__ = ["SS2D", "layer_norm_2d"]
+__all__ = ["SS2D", "cross_scan", "layer_norm_2d"]
 
 #: The official channel-first LayerNorm: an ``nn.LayerNorm`` over channels with the default eps 1e-5.
 #: timm's ``LayerNorm2d`` computes the same (permute, layer_norm, permute) but defaults to eps 1e-6.
 layer_norm_2d = partial(LayerNorm2d, eps=1e-5)
+
+
+@torch.jit.ignore
+def cross_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor,
+    delta_bias: Tensor,
+    height: int,
+    width: int,
+    backend: str,
+) -> Tensor:
+    """VMamba's four directions over an (height, width) grid as one scan, summed back onto the grid.
+
+    The mixer's only kernel call, a plain function with positional arguments so that TorchScript leaves it
+    to Python (and the model files register it as a torch.fx leaf).
+    """
+    return multi_direction_selective_scan(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        None,
+        delta_bias,
+        True,
+        directions=VMAMBA_DIRECTIONS,
+        grid_size=(height, width),
+        merge="sum",
+        backend=backend,
+    )
 
 
 class SS2D(nn.Module):
@@ -55,8 +88,6 @@ class SS2D(nn.Module):
         proj_drop: dropout after ``out_proj``.
         scan_backend: selective-scan backend, see :func:`vmamba.kernels.selective_scan`.
     """
-
-    directions = VMAMBA_DIRECTIONS
 
     def __init__(
         self,
@@ -79,7 +110,7 @@ class SS2D(nn.Module):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        k = len(self.directions)
+        k = self.num_directions = len(VMAMBA_DIRECTIONS)
         self.dim = dim
         self.d_state = d_state
         self.d_inner = int(ssm_ratio * dim)
@@ -127,7 +158,7 @@ class SS2D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, _, height, width = x.shape
-        k, rank, n = len(self.directions), self.dt_rank, self.d_state
+        k, rank, n = self.num_directions, self.dt_rank, self.d_state
         x = self.act(self.conv2d(self.in_proj(x)))
         xs = x.flatten(2)  # (batch, d_inner, L), storage (row-major) order
         # Per-position projections, all directions at once: (batch, K*(R+2N), L).
@@ -135,20 +166,17 @@ class SS2D(nn.Module):
         dts, bs, cs = x_dbl.unflatten(1, (k, rank + 2 * n)).split([rank, n, n], dim=2)
         # (batch, K*R, L) -> (batch, K*d_inner, L), direction k through dt_projs_weight[k].
         dts = F.conv1d(dts.flatten(1, 2), self.dt_projs_weight.flatten(0, 1)[:, :, None], groups=k)
-        y = multi_direction_selective_scan(
+        y = cross_scan(
             xs,
             dts,
             -torch.exp(self.A_logs.float()),
             bs,
             cs,
             self.Ds.float(),
-            None,
             self.dt_projs_bias.flatten().float(),
-            True,
-            directions=self.directions,
-            grid_size=(height, width),
-            merge="sum",
-            backend=self.scan_backend,
+            height,
+            width,
+            self.scan_backend,
         )
         y = self.out_norm(y.view(batch, self.d_inner, height, width)).to(x.dtype)
         return self.proj_drop(self.out_proj(y))
@@ -156,5 +184,5 @@ class SS2D(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}, "
-            f"directions={self.directions}"
+            f"directions={VMAMBA_DIRECTIONS}"
         )
