@@ -156,8 +156,8 @@ class VimBlock(nn.Module):
 class Vim(nn.Module):
     """Vision Mamba (Vim) classifier / backbone.
 
-    Compiles with ``torch.jit.script`` (without ``dynamic_img_size``) and traces with ``torch.fx`` through
-    timm's helpers (``timm.models.get_notrace_functions``): the scan, the input-size check and the
+    Compiles with ``torch.jit.script`` and traces with ``torch.fx`` through timm's helpers
+    (``timm.models.get_notrace_functions``): the mixers' scan, the input-size check and the
     position-embedding resampling are leaves.
 
     ``forward_features`` returns all tokens (B, M + 1, D) after the final norm, the class token at index
