@@ -8,19 +8,13 @@ See ``docs/kernels.md`` for the semantics and for which backend runs when.
 
 from .backends import BACKEND_ENV_VAR, BACKEND_NAMES, ScanBackend, available_backends, register_backend
 from .conv1d import bidirectional_causal_conv1d, bidirectional_causal_conv1d_reference
-from .directions import (
-    DIRECTIONS,
-    VIM_DIRECTIONS,
-    VMAMBA_DIRECTIONS,
-    from_directions,
-    multi_direction_selective_scan,
-    to_directions,
-)
+from .directions import multi_direction_selective_scan
 from .non_causal_ssd import non_causal_ssd, non_causal_ssd_reference
 from .reference import selective_scan_reference
 from .selective_scan import check_scan_inputs, selective_scan
 from .ssd import bidirectional_ssd_scan, multi_direction_ssd_scan, ssd_scan
 from .ssd_reference import ssd_scan_reference
+from .token_orders import DIRECTIONS, VIM_DIRECTIONS, VMAMBA_DIRECTIONS, from_directions, to_directions
 
 __all__ = [
     "BACKEND_ENV_VAR",

@@ -1,15 +1,9 @@
-"""Scan directions over token sequences and grids, and the multi-direction selective scan.
+"""The multi-direction selective scan: K token orders scanned as the groups of one ``selective_scan`` call.
 
-A direction is an order in which to visit the L = H*W tokens of a grid stored row-major:
-
-- ``"row"`` (alias ``"forward"``): row-major, the storage order;
-- ``"col"``: column-major;
-- ``"row_reversed"`` (alias ``"backward"``) and ``"col_reversed"``: the same, back to front.
-
-Vim scans ``("forward", "backward")`` over a 1-D sequence; VMamba's SS2D scans
-``("row", "col", "row_reversed", "col_reversed")`` over a grid. :func:`multi_direction_selective_scan`
-runs all K directions as the groups of one ``selective_scan`` call, each with its own parameters, and
-returns the merged result in the original order.
+The orders themselves (names, aliases, reorderings) live in :mod:`.token_orders`. Here each direction
+gets its own parameters, its block of channels is scanned in its own order and brought back to storage
+order before merging. A backend with a fused ``multi_direction`` hook (Triton) realises the orders in the
+kernel instead and receives the canonical direction names.
 """
 
 from __future__ import annotations
@@ -21,95 +15,9 @@ from torch import Tensor
 
 from .backends import resolve_backend
 from .selective_scan import selective_scan
+from .token_orders import MERGES, canonical_directions, check_grid, from_directions, to_direction_order
 
-__all__ = [
-    "DIRECTIONS",
-    "VIM_DIRECTIONS",
-    "VMAMBA_DIRECTIONS",
-    "from_directions",
-    "multi_direction_selective_scan",
-    "to_directions",
-]
-
-DIRECTIONS = ("row", "col", "row_reversed", "col_reversed")
-_ALIASES = {"forward": "row", "backward": "row_reversed"}
-VIM_DIRECTIONS = ("forward", "backward")
-VMAMBA_DIRECTIONS = DIRECTIONS
-MERGES = ("sum", "mean", "none")
-
-
-def _canonical(direction: str, grid_size: tuple[int, int] | None) -> str:
-    name = _ALIASES.get(direction, direction)
-    if name not in DIRECTIONS:
-        raise ValueError(
-            f"unknown scan direction {direction!r}; expected one of {DIRECTIONS + tuple(_ALIASES)}"
-        )
-    if name.startswith("col") and grid_size is None:
-        raise ValueError(f"direction {direction!r} needs grid_size=(H, W) to know the grid")
-    return name
-
-
-def _check_grid(length: int, grid_size: tuple[int, int] | None) -> None:
-    if grid_size is not None and grid_size[0] * grid_size[1] != length:
-        raise ValueError(
-            f"grid_size {tuple(grid_size)} has {grid_size[0] * grid_size[1]} cells but L={length}"
-        )
-
-
-def _reorder(x: Tensor, direction: str, grid_size: tuple[int, int] | None) -> Tensor:
-    """x (batch, C, L) in storage order -> the same tokens in ``direction`` order."""
-    if direction.startswith("col"):
-        h, w = grid_size
-        x = x.unflatten(-1, (h, w)).transpose(-1, -2).flatten(-2)
-    return x.flip(-1) if direction.endswith("reversed") else x
-
-
-def _restore(y: Tensor, direction: str, grid_size: tuple[int, int] | None) -> Tensor:
-    """Inverse of :func:`_reorder`: y in ``direction`` order -> storage order."""
-    if direction.endswith("reversed"):
-        y = y.flip(-1)
-    if direction.startswith("col"):
-        h, w = grid_size
-        y = y.unflatten(-1, (w, h)).transpose(-1, -2).flatten(-2)
-    return y
-
-
-def to_directions(x: Tensor, directions: Sequence[str], grid_size: tuple[int, int] | None = None) -> Tensor:
-    """Token grid or sequence -> one sequence per direction.
-
-    ``x`` is (batch, C, H, W) (the grid size is then taken from it) or (batch, C, L) with ``grid_size``
-    for the column directions. Returns (batch, K, C, L).
-    """
-    if x.dim() == 4:
-        grid_size = (x.shape[-2], x.shape[-1])
-        x = x.flatten(2)
-    _check_grid(x.shape[-1], grid_size)
-    names = [_canonical(d, grid_size) for d in directions]
-    return torch.stack([_reorder(x, d, grid_size) for d in names], dim=1)
-
-
-def from_directions(
-    ys: Tensor,
-    directions: Sequence[str],
-    grid_size: tuple[int, int] | None = None,
-    merge: str = "sum",
-) -> Tensor:
-    """One sequence per direction (batch, K, C, L) -> storage order, merged.
-
-    ``merge="sum"`` (VMamba's cross-merge) or ``"mean"`` (Vim's averaged directions) give (batch, C, L);
-    ``"none"`` keeps (batch, K, C, L).
-    """
-    if merge not in MERGES:
-        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-    if ys.shape[1] != len(directions):
-        raise ValueError(f"ys has {ys.shape[1]} directions but {len(directions)} were named")
-    _check_grid(ys.shape[-1], grid_size)
-    names = [_canonical(d, grid_size) for d in directions]
-    restored = torch.stack([_restore(ys[:, k], d, grid_size) for k, d in enumerate(names)], dim=1)
-    if merge == "none":
-        return restored
-    total = restored.sum(1)
-    return total / len(names) if merge == "mean" else total
+__all__ = ["multi_direction_selective_scan"]
 
 
 def _per_direction(
@@ -127,7 +35,7 @@ def _per_direction(
             f"{name} must have {per_dir_channels} channels (shared) or {k}*{per_dir_channels} (one block "
             f"per direction), got {t.shape[1]}"
         )
-    return torch.cat([_reorder(b, d, grid_size) for b, d in zip(blocks, names)], dim=1)
+    return torch.cat([to_direction_order(b, d, grid_size) for b, d in zip(blocks, names)], dim=1)
 
 
 def multi_direction_selective_scan(
@@ -157,15 +65,20 @@ def multi_direction_selective_scan(
         A: (K*C, N); D, delta_bias: (K*C,) or None.
         B, C: (batch, K*G, N, L): G groups per direction (usually 1), direction-major.
         z: gate, (batch, C, L) shared or (batch, K*C, L); applied to each direction before merging.
-        directions: names from :data:`DIRECTIONS` (or ``"forward"``/``"backward"``), K of them.
+        directions: names from :data:`~.token_orders.DIRECTIONS` (or ``"forward"``/``"backward"``), K of them.
         grid_size: (H, W) with H*W = L, needed for the column directions.
         merge: ``"sum"``, ``"mean"`` (the average over directions) or ``"none"`` (batch, K, C, L).
+
+    A backend's ``multi_direction`` hook is called with the same arguments, ``directions`` replaced by
+    their canonical names (a tuple) and ``merge`` already checked.
     """
     k = len(directions)
     if k == 0:
         raise ValueError("directions must name at least one direction")
-    _check_grid(u.shape[-1], grid_size)
-    names = [_canonical(d, grid_size) for d in directions]
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    check_grid(u.shape[-1], grid_size)
+    names = canonical_directions(directions, grid_size)
     if delta.dim() != 3 or delta.shape[1] % k:
         raise ValueError(f"delta must be (batch, K*C, L) with K={k}, got shape {tuple(delta.shape)}")
     channels = delta.shape[1] // k

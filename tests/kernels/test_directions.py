@@ -6,13 +6,17 @@ import pytest
 import torch
 
 from vmamba.kernels import (
+    DIRECTIONS,
     VIM_DIRECTIONS,
     VMAMBA_DIRECTIONS,
+    ScanBackend,
     from_directions,
     multi_direction_selective_scan,
     selective_scan_reference,
     to_directions,
 )
+from vmamba.kernels import directions as directions_module
+from vmamba.kernels.token_orders import canonical_directions
 
 
 def test_orders_on_a_small_grid():
@@ -134,3 +138,30 @@ def test_multi_direction_shape_errors():
             torch.randn(1, 4, 6), torch.randn(1, 6, 6), -torch.rand(6, 2), torch.randn(1, 2, 2, 6),
             torch.randn(1, 2, 2, 6), directions=VIM_DIRECTIONS,
         )  # fmt: skip
+
+
+def test_canonical_directions():
+    assert canonical_directions(("forward", "backward")) == ("row", "row_reversed")
+    assert canonical_directions(VMAMBA_DIRECTIONS, (2, 2)) == DIRECTIONS
+    with pytest.raises(ValueError, match="unknown scan direction 'up'"):
+        canonical_directions(["up"])
+
+
+def test_fused_hook_gets_canonical_names(monkeypatch):
+    """A backend's multi_direction hook receives canonical names (and only checked merges)."""
+    seen = {}
+
+    def hook(u, *args, directions, grid_size, merge):
+        seen.update(directions=directions, grid_size=grid_size, merge=merge)
+        return u
+
+    fused = ScanBackend("torch", None, None, lambda device: True, multi_direction=hook)
+    monkeypatch.setattr(directions_module, "resolve_backend", lambda backend, device: fused)
+    u, delta = torch.randn(1, 2, 6), torch.randn(1, 4, 6)
+    A, B = -torch.rand(4, 1), torch.randn(1, 2, 1, 6)
+    multi_direction_selective_scan(
+        u, delta, A, B, B, directions=("forward", "col_reversed"), grid_size=(2, 3), merge="mean"
+    )
+    assert seen == {"directions": ("row", "col_reversed"), "grid_size": (2, 3), "merge": "mean"}
+    with pytest.raises(ValueError, match="merge must be"):
+        multi_direction_selective_scan(u, delta, A, B, B, directions=VIM_DIRECTIONS, merge="max")

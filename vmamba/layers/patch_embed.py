@@ -3,9 +3,34 @@
 from __future__ import annotations
 
 from timm.layers import to_2tuple
+from timm.models import register_notrace_function
 from torch import Tensor, nn
 
-__all__ = ["PatchEmbed"]
+__all__ = ["PatchEmbed", "check_image_size"]
+
+
+@register_notrace_function  # a leaf for torch.fx: the check runs on real sizes in the traced module too
+def check_image_size(
+    x: Tensor, img_size: tuple[int, int], patch_size: tuple[int, int], strict: bool
+) -> Tensor:
+    """Return the image ``x`` (B, C, H, W) unchanged, or raise ValueError when its size does not fit.
+
+    ``strict``: H, W must equal ``img_size``; always: H, W must be at least ``patch_size``. Written so
+    that TorchScript compiles it and torch.fx keeps it as one call (returning ``x`` keeps it in the graph).
+    """
+    height, width = x.shape[-2], x.shape[-1]
+    if strict and (height != img_size[0] or width != img_size[1]):
+        raise ValueError(
+            f"input size ({height}, {width}) does not match the model's img_size ({img_size[0]}, "
+            f"{img_size[1]}); build the model with dynamic_img_size=True to accept other sizes, or with "
+            "img_size=..."
+        )
+    if height < patch_size[0] or width < patch_size[1]:
+        raise ValueError(
+            f"input size ({height}, {width}) is smaller than the patch size ({patch_size[0]}, "
+            f"{patch_size[1]}); use a larger image"
+        )
+    return x
 
 
 class PatchEmbed(nn.Module):
@@ -71,13 +96,5 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.strict_img_size and tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}; "
-                "build the model with dynamic_img_size=True to accept other sizes, or with img_size=... "
-            )
-        if x.shape[-2] < self.patch_size[0] or x.shape[-1] < self.patch_size[1]:
-            raise ValueError(
-                f"input size {tuple(x.shape[-2:])} is smaller than the patch size {self.patch_size}"
-            )
+        x = check_image_size(x, self.img_size, self.patch_size, self.strict_img_size)
         return self.proj(x).permute(0, 2, 3, 1)

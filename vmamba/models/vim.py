@@ -22,8 +22,6 @@ Differences from the official code, all without effect on the outputs of the off
   embedding) is ``pos_drop_rate``. Both default to 0, as in every official recipe.
 """
 
-from __future__ import annotations
-
 import math
 import re
 from collections.abc import Sequence
@@ -32,12 +30,19 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint_seq,
+    generate_default_cfgs,
+    register_model,
+    register_notrace_function,
+)
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import Tensor, nn
 
-from vmamba.layers.mamba_mixer import BiMambaMixer
+from vmamba.kernels import bidirectional_causal_conv1d
+from vmamba.layers.mamba_mixer import BiMambaMixer, bidirectional_scan
 from vmamba.layers.norm import RMSNorm
 from vmamba.layers.patch_embed import PatchEmbed
 
@@ -55,11 +60,18 @@ __all__ = [
 
 _GLOBAL_POOLS = ("", "token", "avg", "max")
 
+# torch.fx leaves: the mixer's conv and scan check their sizes (and the scan picks a backend) at run time,
+# so each stays one call.
+register_notrace_function(bidirectional_causal_conv1d)
+register_notrace_function(bidirectional_scan)
 
+
+@register_notrace_function  # compares sizes in Python: a leaf for torch.fx ...
+@torch.jit.ignore  # ... and a Python call for TorchScript, which then passes every argument positionally
 def resample_pos_embed(
     pos_embed: Tensor,
-    new_size: Sequence[int],
-    old_size: Sequence[int],
+    new_size: tuple[int, int],
+    old_size: tuple[int, int],
     num_prefix_tokens: int = 1,
     interpolation: str = "bicubic",
     antialias: bool = True,
@@ -147,6 +159,10 @@ class VimBlock(nn.Module):
 class Vim(nn.Module):
     """Vision Mamba (Vim) classifier / backbone.
 
+    Compiles with ``torch.jit.script`` and traces with ``torch.fx`` through timm's helpers
+    (``timm.models.get_notrace_functions``): the mixers' scan, the input-size check and the
+    position-embedding resampling are leaves.
+
     ``forward_features`` returns all tokens (B, M + 1, D) after the final norm, the class token at index
     M // 2; ``forward_head`` pools (the class token by default) and classifies.
 
@@ -171,6 +187,8 @@ class Vim(nn.Module):
             init leaves it at zero).
         scan_backend: selective-scan backend for every mixer (``"auto"`` picks per device).
     """
+
+    __constants__ = ["dynamic_img_size"]  # TorchScript then compiles only the branch taken
 
     def __init__(
         self,
@@ -322,9 +340,10 @@ class Vim(nn.Module):
         x = self.patch_embed(x)
         batch, height, width, dim = x.shape
         pos_embed = self.pos_embed
-        if self.dynamic_img_size and (height, width) != tuple(self.patch_embed.grid_size):
+        if self.dynamic_img_size:  # resample_pos_embed returns pos_embed itself when the grid is the same
+            grid = self.patch_embed.grid_size
             pos_embed = resample_pos_embed(
-                pos_embed, (height, width), self.patch_embed.grid_size, self.num_prefix_tokens
+                pos_embed, (height, width), grid, self.num_prefix_tokens, "bicubic", True
             )
         # The residual stream is kept in (at least) float32, as the official residual_in_fp32.
         x = x.reshape(batch, height * width, dim).to(torch.promote_types(x.dtype, torch.float32))
@@ -494,6 +513,13 @@ def _create_vim(variant: str, pretrained: bool = False, **kwargs: Any) -> Vim:
     out_indices = kwargs.pop("out_indices", default_out_indices(kwargs.get("depth", 24)))
     feature_cfg = dict(out_indices=out_indices, feature_cls="getter")
     feature_cfg.update(kwargs.pop("feature_cfg", None) or {})
+    if "feature_cls" in kwargs:
+        feature_cfg["feature_cls"] = kwargs.pop("feature_cls")
+    if kwargs.get("features_only") and feature_cfg["feature_cls"] == "fx":
+        raise ValueError(
+            "Vim has no fx feature extraction: a traced graph yields token sequences with the class token, "
+            "not feature maps. Use the default feature_cls ('getter'), which returns NCHW maps"
+        )
     return build_model_with_cfg(
         Vim,
         variant,

@@ -17,9 +17,8 @@ dense-prediction files with ``backbone.`` keys and ``outnorm{i}`` stage norms) l
 weights); :func:`checkpoint_filter_fn` converts them and names every key that does not fit.
 """
 
-from __future__ import annotations
-
 import logging
+import math
 import re
 
 import torch
@@ -30,17 +29,21 @@ from timm.models import (
     checkpoint_seq,
     generate_default_cfgs,
     register_model,
+    register_notrace_function,
     resolve_pretrained_cfg,
 )
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from vmamba.layers.ss2d import SS2D, layer_norm_2d
+from vmamba.layers.ss2d import SS2D, cross_scan, layer_norm_2d
 from vmamba.models._helpers import check_state_dict_fits, resolve_pretrained_file, select_state_dict
 
 __all__ = ["VMamba", "VSSBlock", "checkpoint_filter_fn"]
 
 _logger = logging.getLogger(__name__)
+
+# A torch.fx leaf: the mixer's scan checks its sizes and picks a backend at run time, so it stays one call.
+register_notrace_function(cross_scan)
 
 
 class Stem(nn.Module):
@@ -188,6 +191,11 @@ class VMamba(nn.Module):
             (the official dense-prediction backbone's ``outnorm{i}``). ``features_only=True`` turns it on.
         scan_backend: selective-scan backend ('auto' picks the fastest available one).
         img_size: accepted for timm compatibility and recorded; the model takes any H x W at run time.
+
+    Compiles with ``torch.jit.script`` and traces with ``torch.fx`` through timm's helpers (the scan is a
+    leaf). ``features_only=True, feature_cfg=dict(feature_cls="fx")`` takes the stage outputs from the
+    traced graph; the stage norms of the default feature wrapper are not part of ``forward``, so that
+    mode has none (it returns what ``forward_intermediates`` returns without ``feature_norms``).
     """
 
     def __init__(
@@ -237,13 +245,15 @@ class VMamba(nn.Module):
             mlp_ratio=mlp_ratio,
             scan_backend=scan_backend,
         )
-        stages = []
-        self.feature_info = []
-        for i in range(num_stages):
-            prev = dims[max(i - 1, 0)]
-            stages.append(VMambaStage(prev, dims[i], depths[i], i > 0, dpr[i], **block_kwargs, **dd))
-            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
-        self.stages = nn.Sequential(*stages)
+        self.stages = nn.Sequential(
+            *[
+                VMambaStage(dims[max(i - 1, 0)], dims[i], depths[i], i > 0, dpr[i], **block_kwargs, **dd)
+                for i in range(num_stages)
+            ]
+        )
+        self.feature_info = [
+            dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(num_stages)
+        ]
         self.feature_norms = nn.ModuleList([layer_norm_2d(d, **dd) for d in dims]) if feature_norms else None
         self.norm = layer_norm_2d(self.num_features, **dd)
         self.head = ClassifierHead(
@@ -480,10 +490,10 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VMamba) -> dict[s
 # ---------------------------------------------------------------------------------------------------
 # Registration
 
-_RELEASE = "https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/"
+_RELEASES = "https://github.com/MzeroMiko/VMamba/releases/download/"
 
 
-def _cfg(file: str = "", **kwargs) -> dict:
+def _cfg(file: str = "", release: str = "%23v2cls", **kwargs) -> dict:
     """Pretrained config. ``file`` names the official release file (metadata: nothing downloads)."""
     return {
         "url": "",
@@ -499,7 +509,7 @@ def _cfg(file: str = "", **kwargs) -> dict:
         "license": "mit",
         "paper_ids": "arXiv:2401.10166",
         "paper_name": "VMamba: Visual State Space Model",
-        "origin_url": _RELEASE + file if file else "https://github.com/MzeroMiko/VMamba",
+        "origin_url": f"{_RELEASES}{release}/{file}" if file else "https://github.com/MzeroMiko/VMamba",
         "notes": (
             f"official release file: {file}",
             "download it and load with pretrained=True, pretrained_cfg_overlay=dict(file=path)",
@@ -510,6 +520,22 @@ def _cfg(file: str = "", **kwargs) -> dict:
     }
 
 
+def _dense_cfg(file: str, release: str, result: str, input_size: tuple[int, int, int]) -> dict:
+    """An official mmseg/mmdet checkpoint: its ``backbone.`` weights and stage norms, no classifier.
+
+    Load with ``features_only=True, pretrained=True, pretrained_cfg_overlay=dict(file=path)``.
+    """
+    pool_size = (math.ceil(input_size[1] / 32), math.ceil(input_size[2] / 32))
+    cfg = _cfg(file, release, num_classes=0, input_size=input_size, pool_size=pool_size, crop_pct=1.0)
+    cfg["notes"] = (result, *cfg["notes"], "a backbone for dense prediction: load it with features_only=True")
+    return cfg
+
+
+_ADE20K = dict(release="%23v2seg", input_size=(3, 512, 512))
+_COCO = dict(release="%23v2det", input_size=(3, 800, 1333))
+_UPERNET = "upernet_vssm_4xb4-160k_ade20k-512x512_"
+_MASK_RCNN = "mask_rcnn_vssm_fpn_coco_"
+
 default_cfgs = generate_default_cfgs(
     {
         "vmamba_tiny_s1l8.in1k": _cfg("vssm1_tiny_0230s_ckpt_epoch_264.pth"),
@@ -518,6 +544,52 @@ default_cfgs = generate_default_cfgs(
         "vmamba_tiny_s2l5.in1k": _cfg("vssm_tiny_0230_ckpt_epoch_262.pth"),
         "vmamba_small_s2l15.in1k": _cfg("vssm_small_0229_ckpt_epoch_222.pth"),
         "vmamba_base_s2l15.in1k": _cfg("vssm_base_0229_ckpt_epoch_237.pth"),
+        # Dense-prediction backbones (official README, assets/performance.md): UperNet 160k on ADE20K
+        # at 512x512, mIoU single-/multi-scale; Mask R-CNN with FPN on COCO, box / mask AP.
+        "vmamba_tiny_s1l8.ade20k_upernet": _dense_cfg(
+            _UPERNET + "tiny_s_iter_160000.pth", result="ADE20K UperNet 160k mIoU 47.9 / 48.8 (MS)", **_ADE20K
+        ),
+        "vmamba_tiny_s2l5.ade20k_upernet": _dense_cfg(
+            _UPERNET + "tiny_iter_160000.pth", result="ADE20K UperNet 160k mIoU 48.3 / 48.6 (MS)", **_ADE20K
+        ),
+        "vmamba_tiny_s2l5.coco_maskrcnn_1x": _dense_cfg(
+            _MASK_RCNN + "tiny_epoch_12.pth", result="COCO Mask R-CNN 1x box AP 47.4, mask AP 42.7", **_COCO
+        ),
+        "vmamba_tiny_s2l5.coco_maskrcnn_3x": _dense_cfg(
+            _MASK_RCNN + "tiny_ms_3x_epoch_36.pth",
+            result="COCO Mask R-CNN 3x (multi-scale) box AP 48.9, mask AP 43.7",
+            **_COCO,
+        ),
+        "vmamba_small_s2l15.ade20k_upernet": _dense_cfg(
+            _UPERNET + "small_iter_144000.pth", result="ADE20K UperNet 160k mIoU 50.6 / 51.2 (MS)", **_ADE20K
+        ),
+        "vmamba_base_s2l15.ade20k_upernet": _dense_cfg(
+            _UPERNET + "base_iter_160000.pth", result="ADE20K UperNet 160k mIoU 51.0 / 51.6 (MS)", **_ADE20K
+        ),
+        "vmamba_tiny_s1l8.coco_maskrcnn_1x": _dense_cfg(
+            _MASK_RCNN + "tiny_s_epoch_12.pth", result="COCO Mask R-CNN 1x box AP 47.3, mask AP 42.7", **_COCO
+        ),
+        "vmamba_tiny_s1l8.coco_maskrcnn_3x": _dense_cfg(
+            _MASK_RCNN + "tiny_ms_3x_s_epoch_31.pth",
+            result="COCO Mask R-CNN 3x (multi-scale) box AP 48.8, mask AP 43.7",
+            **_COCO,
+        ),
+        "vmamba_small_s2l15.coco_maskrcnn_1x": _dense_cfg(
+            _MASK_RCNN + "small_epoch_11.pth", result="COCO Mask R-CNN 1x box AP 48.7, mask AP 43.7", **_COCO
+        ),
+        "vmamba_small_s2l15.coco_maskrcnn_3x": _dense_cfg(
+            _MASK_RCNN + "small_ms_3x_epoch_32.pth",
+            result="COCO Mask R-CNN 3x (multi-scale) box AP 49.9, mask AP 44.2",
+            **_COCO,
+        ),
+        "vmamba_base_s2l15.coco_maskrcnn_1x": _dense_cfg(
+            _MASK_RCNN + "base_epoch_11.pth", result="COCO Mask R-CNN 1x box AP 49.2, mask AP 44.1", **_COCO
+        ),
+        "vmamba_base_s2l15.coco_maskrcnn_1x_bs8": _dense_cfg(
+            _MASK_RCNN + "base_epoch_12_bs8.pth",
+            result="COCO Mask R-CNN 1x (batch 8) box AP 49.2, mask AP 43.9",
+            **_COCO,
+        ),
     }
 )
 
@@ -535,10 +607,20 @@ def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
             raise RuntimeError(
                 f"{variant}: no weights are bundled (nothing downloads). {notes}; origin: {cfg.get('origin_url')}"
             )
-    if kwargs.get("features_only"):
-        kwargs.setdefault("feature_norms", True)
     feature_cfg = dict(out_indices=(0, 1, 2, 3), feature_cls="getter")
     feature_cfg.update(kwargs.pop("feature_cfg", None) or {})
+    if "feature_cls" in kwargs:
+        feature_cfg["feature_cls"] = kwargs.pop("feature_cls")
+    if kwargs.get("features_only"):
+        # The stage norms are applied by forward_intermediates (the default wrapper); a graph traced
+        # from forward (feature_cls="fx") holds only the stage outputs.
+        traced = feature_cfg["feature_cls"] == "fx"
+        if traced and kwargs.get("feature_norms"):
+            raise ValueError(
+                "feature_norms (the dense-prediction stage norms) are not part of forward, so the fx "
+                "feature wrapper cannot return them; use the default feature_cls ('getter')"
+            )
+        kwargs.setdefault("feature_norms", not traced)
     return build_model_with_cfg(
         VMamba,
         variant,
