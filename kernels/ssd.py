@@ -18,9 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .directions import DIRECTIONS
 from .ssd_reference import ssd_multi_direction_reference, ssd_scan_reference
 from .ssd_torch import torch_ssd_backward, torch_ssd_forward
+from .token_orders import DIRECTIONS
 
 __all__ = [
     "SSD_BACKEND_ENV_VAR",

@@ -18,8 +18,8 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from ..directions import MERGES
 from ..reference import math_dtype
+from ..token_orders import MERGES
 from ._common import Plan, direction_codes, make_plan
 from .scan_bwd import launch_backward
 from .scan_fwd import launch_forward
