@@ -52,11 +52,11 @@ run() {
         "$wheels"/*.whl >>"$out/summary.txt" 2>&1 || { echo "wheel install failed" >>"$out/summary.txt"; exit 2; }
     export PYTHONPATH=/tmp/site
     # Run from /tmp so the installed package, not the source tree, is imported.
-    stage gpu_tests 300 python3 -m pytest "$repo/tests" -m gpu -q -p no:cacheprovider -rs
-    stage bench_scan 120 python3 "$repo/benchmarks/bench_scan_cuda.py" --json "$out/bench_scan.json"
-    stage bench_models 180 python3 "$repo/benchmarks/bench_models.py" --device cuda --json "$out/bench_models.json"
+    stage gpu_tests 240 python3 -m pytest "$repo/tests" -m gpu -q -p no:cacheprovider -rs
+    stage bench_scan 90 python3 "$repo/benchmarks/bench_scan_cuda.py" --json "$out/bench_scan.json"
+    stage bench_models 120 python3 "$repo/benchmarks/bench_models.py" --device cuda --json "$out/bench_models.json"
     if [ -f "$repo/benchmarks/bench_ssd.py" ]; then
-        stage bench_ssd 60 python3 "$repo/benchmarks/bench_ssd.py" --device cuda
+        stage bench_ssd 45 python3 "$repo/benchmarks/bench_ssd.py" --device cuda
     fi
     echo "done in $((SECONDS - t0))s" | tee -a "$out/summary.txt"
 }

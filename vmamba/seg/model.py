@@ -1,7 +1,7 @@
 """Segmentation model = timm feature backbone (+ plain-backbone pyramid) + decoder (+ optional auxiliary head).
 
 `create_segmentation_model` builds one from any timm model name that supports feature extraction, including
-ours (``vim_*``, ``vmamba_*``; importing ``vmamba.models`` registers them). Hierarchical backbones (strides
+ours (``vim_*``, ``vmamba_*``, ``vssd_*``; importing ``vmamba.models`` registers them). Hierarchical backbones (strides
 4/8/16/32, e.g. VMamba, ConvNeXt, ResNet) feed the decoder directly; plain backbones (one stride for every block,
 e.g. Vim, ViT) go through `PlainPyramidAdapter` first. Which kind a backbone is comes from its ``feature_info``
 reductions.
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import vmamba.models  # noqa: F401  (registers vim_* / vmamba_* with timm)
+import vmamba.models  # noqa: F401  (registers vim_* / vmamba_* / vssd_* with timm)
 
 from .adapters import PlainPyramidAdapter
 from .decoders import ConvHead, FCNHead, FPNHead, UperNetHead, resize
@@ -172,7 +172,7 @@ def create_feature_backbone(name: str, pretrained: bool = False, **kwargs: Any) 
         if "Unknown model" in str(e):
             raise ValueError(
                 f"unknown backbone {name!r}: use a timm model name (see timm.list_models()) or one of ours "
-                f"(import vmamba registers vim_* and vmamba_*)"
+                f"(import vmamba registers vim_*, vmamba_* and vssd_*)"
             ) from e
         raise
     reductions = features.feature_info.reduction()

@@ -1,4 +1,4 @@
-"""Image classification task: any timm model (``vim_*``, ``vmamba_*`` included) trained with Lightning.
+"""Image classification task: any timm model (``vim_*``, ``vmamba_*``, ``vssd_*`` included) trained with Lightning.
 
 Recipe features: label smoothing, mixup/cutmix (timm's ``Mixup``), AdamW without weight decay on norms,
 biases, embeddings and the SSM's A/D, layer-wise lr decay, warmup + cosine, backbone freezing, top-1/top-5
@@ -20,7 +20,7 @@ from torch.optim import AdamW
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-import vmamba.models  # noqa: F401  (registers vim_* / vmamba_* with timm)
+import vmamba.models  # noqa: F401  (registers vim_* / vmamba_* / vssd_* with timm)
 from vmamba.contract import classification_data_config
 from vmamba.preprocess import CROP_MODES
 from vmamba.tasks.base import BaseTask
@@ -129,7 +129,7 @@ class ClassificationTask(BaseTask):
             if "Unknown model" in str(err):
                 raise ValueError(
                     f"Unknown model {hp.model!r}. Use a timm model name; vmamba's are "
-                    f"{timm.list_models('vim_*') + timm.list_models('vmamba_*')}."
+                    f"{timm.list_models('vim_*') + timm.list_models('vmamba_*') + timm.list_models('vssd_*')}."
                 ) from err
             raise
 
