@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vmamba.cli import main
+from vmamba.cli import create_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_VSSD = "{embed_dim: 16, depths: [1, 1, 1, 1], num_heads: [1, 2, 4, 8], d_state: 8}"
@@ -34,7 +34,7 @@ def test_vssd_tiny_in1k_fast_dev_run(tmp_path: Path) -> None:
             image = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
             Image.fromarray(image).save(tmp_path / "data" / f"class{c}" / f"{i}.jpg")
     data = tmp_path / "data"
-    cli = main(
+    cli = create_cli(
         [
             "fit",
             "--config",
@@ -56,7 +56,7 @@ def test_vssd_tiny_in1k_fast_dev_run(tmp_path: Path) -> None:
 
 
 def test_vssd_quickstart_fast_dev_run(tmp_path: Path) -> None:
-    cli = main(
+    cli = create_cli(
         [
             "fit",
             "--config",
@@ -72,7 +72,7 @@ def test_vssd_quickstart_fast_dev_run(tmp_path: Path) -> None:
 def test_vssd_quickstart_reaches_97_percent(tmp_path: Path) -> None:
     """The VSSD quickstart for real: 15 epochs, a few CPU minutes (see docs/models.md)."""
     torch.set_num_threads(1)
-    cli = main(
+    cli = create_cli(
         [
             "fit",
             "--config",

@@ -1,7 +1,6 @@
 """Normalisation layers shared by the Mamba backbones: RMSNorm and the fused residual add + RMSNorm."""
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["RMSNorm", "add_rms_norm", "rms_norm"]
@@ -11,7 +10,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``x / sqrt(mean(x**2, -1) + eps) * weight``, computed in (at least) float32, returned in x's dtype."""
     math_dtype = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(math_dtype)
-    return F.rms_norm(xf, [xf.shape[-1]], weight.to(math_dtype), eps).to(x.dtype)
+    # Written out rather than F.rms_norm: torch 2.5's export specialises the batch size inside F.rms_norm.
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.to(math_dtype)).to(x.dtype)
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:

@@ -43,8 +43,9 @@ from torch import Tensor, nn
 
 from vmamba.kernels import bidirectional_causal_conv1d
 from vmamba.layers.mamba_mixer import BiMambaMixer, bidirectional_scan
-from vmamba.layers.norm import RMSNorm
+from vmamba.layers.norm import RMSNorm, rms_norm
 from vmamba.layers.patch_embed import PatchEmbed
+from vmamba.layers.projections import block_diagonal
 
 from ._helpers import check_state_dict_fits, resolve_pretrained_file, select_state_dict
 
@@ -64,6 +65,15 @@ _GLOBAL_POOLS = ("", "token", "avg", "max")
 # so each stays one call.
 register_notrace_function(bidirectional_causal_conv1d)
 register_notrace_function(bidirectional_scan)
+# Leaves too: they read dtype/device attributes, which torch.fx before 2.6 cannot pass on as arguments.
+register_notrace_function(block_diagonal)
+register_notrace_function(rms_norm)
+
+
+@register_notrace_function  # reads x.dtype: a leaf for torch.fx (torch < 2.6 cannot trace dtype arithmetic)
+def to_residual_dtype(x: Tensor) -> Tensor:
+    """``x`` in (at least) float32: the residual stream is kept there, as the official residual_in_fp32."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 @register_notrace_function  # compares sizes in Python: a leaf for torch.fx ...
@@ -345,8 +355,7 @@ class Vim(nn.Module):
             pos_embed = resample_pos_embed(
                 pos_embed, (height, width), grid, self.num_prefix_tokens, "bicubic", True
             )
-        # The residual stream is kept in (at least) float32, as the official residual_in_fp32.
-        x = x.reshape(batch, height * width, dim).to(torch.promote_types(x.dtype, torch.float32))
+        x = to_residual_dtype(x.reshape(batch, height * width, dim))
         if self.cls_token is not None:
             x = insert_middle_token(x, self.cls_token.expand(batch, -1, -1).to(x.dtype))
         return self.pos_drop(x + pos_embed)
