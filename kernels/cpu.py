@@ -478,31 +478,32 @@ def cpu_multi_direction_scan(
             return t  # absent, or shared by the directions
         return t[:, i * per_direction : (i + 1) * per_direction]
 
-    for i, name in enumerate(directions):
-        rev = _REVERSED[name]
-        ui, di, zi = block(uf, i, channels), block(df, i, channels), block(zf, i, channels)
-        Bi, Ci = block(Bf, i, groups), block(Cf, i, groups)
-        Ai = Af[i * channels : (i + 1) * channels]
-        Di, bi = (None if t is None else t[i * channels : (i + 1) * channels] for t in (Df, bf))
-        oi = out[:, i if merge == "none" else 0]
-        scanned = (ui, di, zi if zi is not None else ui, oi, Bi, Ci)
-        rc = forward(
-            *(_start(t, rev) for t in (ui, di)),
-            Ai.data_ptr(),
-            *(_start(t, rev) for t in (Bi, Ci)),
-            _ptr(Di),
-            None if zi is None else _start(zi, rev),
-            _ptr(bi),
-            _start(oi, rev),
-            last.data_ptr(),
-            sizes,
-            _int64s([s for t in scanned for s in _scan_strides(t, rev)] + list(Ai.stride())),
-            int(bool(delta_softplus)),
-            int(merge != "none" and i > 0),
-            1.0 / k if merge == "mean" and i == k - 1 else 1.0,
-            threads,
-        )
-        _check(rc, "multi-direction forward")
+    with torch.profiler.record_function("vmamba::cpu_multi_direction_scan"):  # named in profiles
+        for i, name in enumerate(directions):
+            rev = _REVERSED[name]
+            ui, di, zi = block(uf, i, channels), block(df, i, channels), block(zf, i, channels)
+            Bi, Ci = block(Bf, i, groups), block(Cf, i, groups)
+            Ai = Af[i * channels : (i + 1) * channels]
+            Di, bi = (None if t is None else t[i * channels : (i + 1) * channels] for t in (Df, bf))
+            oi = out[:, i if merge == "none" else 0]
+            scanned = (ui, di, zi if zi is not None else ui, oi, Bi, Ci)
+            rc = forward(
+                *(_start(t, rev) for t in (ui, di)),
+                Ai.data_ptr(),
+                *(_start(t, rev) for t in (Bi, Ci)),
+                _ptr(Di),
+                None if zi is None else _start(zi, rev),
+                _ptr(bi),
+                _start(oi, rev),
+                last.data_ptr(),
+                sizes,
+                _int64s([s for t in scanned for s in _scan_strides(t, rev)] + list(Ai.stride())),
+                int(bool(delta_softplus)),
+                int(merge != "none" and i > 0),
+                1.0 / k if merge == "mean" and i == k - 1 else 1.0,
+                threads,
+            )
+            _check(rc, "multi-direction forward")
     return _as(out if merge == "none" else out[:, 0], u.dtype)
 
 
