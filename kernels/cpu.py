@@ -32,11 +32,13 @@ from torch import Tensor
 
 from .backends import ScanBackend, register_backend
 from .reference import math_dtype
+from .token_orders import MERGES
 from .torch_scan import torch_scan_backward, torch_scan_forward
 
 __all__ = [
     "CACHE_ENV_VAR",
     "NO_BUILD_ENV_VAR",
+    "cpu_multi_direction_scan",
     "cpu_scan_backward",
     "cpu_scan_forward",
     "kernel_math",
@@ -200,7 +202,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suffix in ("f32", "f64"):
         forward = getattr(lib, f"ss_forward_{suffix}")
-        forward.argtypes = [p] * 12 + [i32, i32]
+        forward.argtypes = [p] * 12 + [i32, i32, ctypes.c_double, i32]
         forward.restype = i32
         backward = getattr(lib, f"ss_backward_{suffix}")
         backward.argtypes = [p] * 18 + [i64] * 6 + [i32, i32]
@@ -319,6 +321,8 @@ def cpu_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tup
         _int64s([batch, dim, length, dstate, groups]),
         _int64s([s for t in views for s in t.stride()]),
         int(bool(delta_softplus)),
+        0,
+        1.0,
         torch.get_num_threads(),
     )
     _check(rc, "forward")
@@ -377,4 +381,139 @@ def cpu_scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_so
     )
 
 
-register_backend(ScanBackend("cpu", cpu_scan_forward, cpu_scan_backward, _is_available, _unavailable_reason))
+# The directions the fused multi-direction forward reads in place, and whether each runs back to front.
+_REVERSED = {"row": False, "row_reversed": True}
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fusable(u, delta, A, B, C, D, z, delta_bias, directions, merge) -> bool:
+    """Whether the fused inference forward takes this call (else the generic path runs, and checks it)."""
+    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+    if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
+        return False
+    if not directions or any(d not in _REVERSED for d in directions) or merge not in MERGES:
+        return False
+    if any(t.dtype not in _KERNEL_DTYPES or t.device.type != "cpu" for t in tensors):
+        return False
+    k = len(directions)
+    if delta.dim() != 3 or delta.shape[1] % k or A.dim() != 2 or delta.numel() == 0 or A.shape[1] == 0:
+        return False
+    batch, total, length = delta.shape
+    channels = total // k
+    for t in (u, z):
+        if t is not None and (t.dim() != 3 or t.shape[0] != batch or t.shape[2] != length):
+            return False
+        if t is not None and t.shape[1] not in (channels, total):
+            return False
+    if A.shape[0] != total or B.dim() != 4 or B.shape != C.shape or B.shape[1] % k:
+        return False
+    if B.shape[0] != batch or B.shape[2:] != (A.shape[1], length) or channels % (B.shape[1] // k):
+        return False
+    return all(t is None or t.shape == (total,) for t in (D, delta_bias))
+
+
+def _start(t: Tensor, reverse: bool) -> int:
+    """Address of token 0 of ``t`` in scan order: its last token when the direction runs back to front."""
+    if not reverse:
+        return t.data_ptr()
+    return t.data_ptr() + (t.shape[-1] - 1) * t.stride(-1) * t.element_size()
+
+
+def _scan_strides(t: Tensor, reverse: bool) -> list[int]:
+    """Element strides of ``t`` with the token (last) stride negated for a back-to-front direction."""
+    strides = list(t.stride())
+    if reverse:
+        strides[-1] = -strides[-1]
+    return strides
+
+
+def cpu_multi_direction_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    *,
+    directions: tuple[str, ...],
+    grid_size: tuple[int, int] | None = None,
+    merge: str = "sum",
+) -> Tensor:
+    """The ``multi_direction`` hook: Vim's 1-D directions for inference, scanned in place and merged.
+
+    Semantics of ``multi_direction_selective_scan`` (canonical ``directions``). When no gradient is needed
+    and every direction is ``"row"`` or ``"row_reversed"``, each direction is one call of the C++ forward
+    on views of its block of the inputs: a reversed direction is passed as views that start at the last
+    token with negated token strides, so it reads u, delta, z, B, C and writes its output back to front
+    without reversed copies. The first direction writes the output, later ones add into it (the last one
+    scaling by 1/K for ``merge="mean"``); ``merge="none"`` writes each direction into its own slot. The
+    output is token-major when delta is (channels contiguous), like the inputs of Vim's mixer.
+
+    Returns NotImplemented otherwise (gradients needed, column directions, other dtypes, empty or
+    inconsistent inputs): the caller then runs its generic path, which does the checks.
+    """
+    if not _fusable(u, delta, A, B, C, D, z, delta_bias, directions, merge):
+        return NotImplemented
+    k = len(directions)
+    batch, total, length = delta.shape
+    channels, groups, dstate = total // k, B.shape[1] // k, A.shape[1]
+    f = math_dtype(u)
+    uf, df, Af, Bf, Cf, zf = (_as(t, f) for t in (u, delta, A, B, C, z))
+    Df, bf = (None if t is None else _as(t, f).contiguous() for t in (D, delta_bias))
+    slots = k if merge == "none" else 1
+    if delta.stride(1) == 1 and channels > 1:  # token-major, like delta: (batch, L, slots, C) storage
+        out = torch.empty((batch, length, slots, channels), dtype=f).permute(0, 2, 3, 1)
+    else:
+        out = torch.empty((batch, slots, channels, length), dtype=f)
+    last = torch.empty((batch, channels, dstate), dtype=f)  # required by the kernel, not returned
+    forward = _entry("forward", f)
+    sizes = _int64s([batch, channels, length, dstate, groups])
+    threads = torch.get_num_threads()
+
+    def block(t: Tensor | None, i: int, per_direction: int) -> Tensor | None:
+        if t is None or t.shape[1] != k * per_direction:
+            return t  # absent, or shared by the directions
+        return t[:, i * per_direction : (i + 1) * per_direction]
+
+    with torch.profiler.record_function("vmamba::cpu_multi_direction_scan"):  # named in profiles
+        for i, name in enumerate(directions):
+            rev = _REVERSED[name]
+            ui, di, zi = block(uf, i, channels), block(df, i, channels), block(zf, i, channels)
+            Bi, Ci = block(Bf, i, groups), block(Cf, i, groups)
+            Ai = Af[i * channels : (i + 1) * channels]
+            Di, bi = (None if t is None else t[i * channels : (i + 1) * channels] for t in (Df, bf))
+            oi = out[:, i if merge == "none" else 0]
+            scanned = (ui, di, zi if zi is not None else ui, oi, Bi, Ci)
+            rc = forward(
+                *(_start(t, rev) for t in (ui, di)),
+                Ai.data_ptr(),
+                *(_start(t, rev) for t in (Bi, Ci)),
+                _ptr(Di),
+                None if zi is None else _start(zi, rev),
+                _ptr(bi),
+                _start(oi, rev),
+                last.data_ptr(),
+                sizes,
+                _int64s([s for t in scanned for s in _scan_strides(t, rev)] + list(Ai.stride())),
+                int(bool(delta_softplus)),
+                int(merge != "none" and i > 0),
+                1.0 / k if merge == "mean" and i == k - 1 else 1.0,
+                threads,
+            )
+            _check(rc, "multi-direction forward")
+    return _as(out if merge == "none" else out[:, 0], u.dtype)
+
+
+register_backend(
+    ScanBackend(
+        "cpu",
+        cpu_scan_forward,
+        cpu_scan_backward,
+        _is_available,
+        _unavailable_reason,
+        multi_direction=cpu_multi_direction_scan,
+    )
+)

@@ -70,7 +70,8 @@ def multi_direction_selective_scan(
         merge: ``"sum"``, ``"mean"`` (the average over directions) or ``"none"`` (batch, K, C, L).
 
     A backend's ``multi_direction`` hook is called with the same arguments, ``directions`` replaced by
-    their canonical names (a tuple) and ``merge`` already checked.
+    their canonical names (a tuple) and ``merge`` already checked; it may return ``NotImplemented`` for a
+    call it does not take, which then runs the generic path.
     """
     k = len(directions)
     if k == 0:
@@ -91,7 +92,7 @@ def multi_direction_selective_scan(
         impl = resolve_backend(backend, u.device)
     if impl is not None and impl.multi_direction is not None:
         # A fused kernel realises the orders itself: the direction sequences are never materialised.
-        return impl.multi_direction(
+        fused = impl.multi_direction(
             u,
             delta,
             A,
@@ -105,6 +106,8 @@ def multi_direction_selective_scan(
             grid_size=grid_size,
             merge=merge,
         )
+        if fused is not NotImplemented:  # NotImplemented: the hook leaves this call to the generic path
+            return fused
     us = _per_direction(u, k, "u", channels, names, grid_size)
     deltas = _per_direction(delta, k, "delta", channels, names, grid_size)
     zs = _per_direction(z, k, "z", channels, names, grid_size)

@@ -7,7 +7,10 @@
 // caller passes their element strides), so token-major activations and slices of a projection are read in
 // place; D, delta_bias (dim,) and last (batch, dim, N) are contiguous. The forward is vectorised over
 // channels: a SIMD vector holds W adjacent channels of one group (W = 16 floats with AVX-512, 8 with AVX2),
-// so every step is a handful of whole-vector operations per state and needs no horizontal sum.
+// so every step is a handful of whole-vector operations per state and needs no horizontal sum. Strides
+// may be negative: views that start at token L-1 with negated token strides scan a sequence back to front
+// (the reversed direction of a multi-direction scan, with no reversed copies), and the forward can add its
+// output into `out` and scale the result, which merges the directions' outputs in the same pass.
 //
 // Backward: all contiguous; u, delta, z, dout, du, ddelta, dz (batch, dim, L); A (dim, N);
 // B, C (batch, G, L, N) (the state index innermost so one time step's N values are adjacent). Each
@@ -214,6 +217,8 @@ struct Fwd {
   int64_t batch, dim, len, nstate, groups;
   int64_t su[3], sdelta[3], sz[3], sout[3], sB[4], sC[4], sA[2];
   bool softplus;
+  bool accumulate;  // out = (out + y) * scale instead of out = y * scale (merging directions)
+  T scale;
 };
 
 // The backward's inputs, all contiguous (see the file comment).
@@ -503,7 +508,14 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
         if (NS > 0)
           for (int64_t n = 0; n < N; ++n) hs[n] = h[n];
       }
-      store_tile(y, lanes, nt, s.out + b * s.sout[0] + d0 * s.sout[1] + t0 * s.sout[2], s.sout[1], s.sout[2]);
+      T* const out = s.out + b * s.sout[0] + d0 * s.sout[1] + t0 * s.sout[2];
+      if (s.accumulate) {  // the u tile is free by now: it takes what earlier calls wrote
+        load_tile(out, s.sout[1], s.sout[2], lanes, nt, uu);
+        for (int64_t t = 0; t < nt; ++t) y[t] += uu[t];
+      }
+      if (s.scale != T(1))
+        for (int64_t t = 0; t < nt; ++t) y[t] *= s.scale;
+      store_tile(y, lanes, nt, out, s.sout[1], s.sout[2]);
     }
   }
   for (int64_t k = 0; k < nblk; ++k) {
@@ -754,13 +766,15 @@ bool valid(int64_t batch, int64_t dim, int64_t len, int64_t nstate, int64_t grou
   SS_EXPORT int ss_forward_##suffix(const T* u, const T* delta, const T* A, const T* B, const T* C,        \
                                     const T* D, const T* z, const T* bias, T* out, T* last,               \
                                     const int64_t* sizes, const int64_t* strides, int softplus,           \
-                                    int nthreads) {                                                       \
+                                    int accumulate, double scale, int nthreads) {                         \
     Fwd<T> s{u, delta, A, B, C, D, z, bias, out, last, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4]};  \
     int64_t* const views[] = {s.su, s.sdelta, s.sz, s.sout, s.sB, s.sC, s.sA};                            \
     const int ranks[] = {3, 3, 3, 3, 4, 4, 2};                                                            \
     for (int v = 0, k = 0; v < 7; ++v)                                                                    \
       for (int i = 0; i < ranks[v]; ++i) views[v][i] = strides[k++];                                     \
     s.softplus = softplus != 0;                                                                           \
+    s.accumulate = accumulate != 0;                                                                       \
+    s.scale = static_cast<T>(scale);                                                                      \
     if (!valid(s.batch, s.dim, s.len, s.nstate, s.groups, nthreads)) return -2;                           \
     return forward_dispatch(s, nthreads);                                                                 \
   }                                                                                                       \

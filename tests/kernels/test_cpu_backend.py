@@ -7,9 +7,10 @@ import warnings
 import pytest
 import torch
 
-from vmamba.kernels import BACKEND_ENV_VAR, selective_scan
+from vmamba.kernels import BACKEND_ENV_VAR, multi_direction_selective_scan, selective_scan
 from vmamba.kernels import cpu as cpu_backend
 from vmamba.kernels.backends import resolve_backend
+from vmamba.kernels.token_orders import canonical_directions
 
 CPU = torch.device("cpu")
 
@@ -330,3 +331,117 @@ def test_portable_builds_match_reference(chunk, monkeypatch, tmp_path, isa):
     assert_scan_close(
         run_with_grads(token_major_views(inputs), True, "cpu", upstream=want[3]), want, 1e-9, 1e-10
     )
+
+
+# --- The fused multi-direction forward (the backend's ``multi_direction`` hook) --------------------------
+
+
+def multi_direction_inputs(batch, channels, length, dstate, groups, k=2, shared=True, token_major=False):
+    """Inputs of ``multi_direction_selective_scan`` for K directions of ``channels`` channels, in float64.
+
+    ``shared``: u and z (batch, C, L) shared by the directions, else (batch, K*C, L). ``token_major``: u,
+    delta and z as ``.transpose(1, 2)`` views of (batch, L, channels) tensors and B, C as permuted views of
+    one (batch, L, K*G, N) tensor each, as Vim's mixer passes them.
+    """
+    inputs = make_inputs(batch, k * channels, length, dstate, k * groups, seed=3)
+    g = torch.Generator().manual_seed(4)
+    u_channels = channels if shared else k * channels
+    inputs["u"] = torch.randn(batch, u_channels, length, generator=g, dtype=torch.float64)
+    inputs["z"] = torch.randn(batch, u_channels, length, generator=g, dtype=torch.float64)
+    if token_major:
+        for name in ("u", "delta", "z"):
+            inputs[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
+        for name in ("B", "C"):
+            inputs[name] = inputs[name].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    return inputs
+
+
+def fused(inputs, directions, merge, **kwargs):
+    """The hook called directly (canonical names), so a test fails if it silently declines the call."""
+    names = canonical_directions(directions)
+    out = cpu_backend.cpu_multi_direction_scan(
+        **inputs, delta_softplus=True, directions=names, merge=merge, **kwargs
+    )
+    assert out is not NotImplemented
+    return out
+
+
+def generic(inputs, directions, merge, backend="reference"):
+    return multi_direction_selective_scan(
+        **inputs, delta_softplus=True, directions=directions, merge=merge, backend=backend
+    )
+
+
+# (batch, C, L, N, G per direction, shared u/z, token-major): L 1, odd, past one chunk; N 16 and generic.
+MULTI_CASES = [
+    (1, 4, 1, 16, 1, True, False),
+    (2, 20, 37, 16, 1, True, True),
+    (2, 6, 67, 5, 2, False, False),
+    (1, 40, 131, 16, 2, False, True),
+    (2, 3, 9, 1, 3, True, True),
+]
+
+
+@pytest.mark.parametrize("merge", ["sum", "mean", "none"])
+@pytest.mark.parametrize("case", MULTI_CASES, ids=lambda c: "b{}-C{}-L{}-N{}-G{}-sh{:d}-tm{:d}".format(*c))
+def test_multi_direction_hook_matches_reference(chunk, case, merge):
+    batch, channels, length, dstate, groups, shared, token_major = case
+    inputs = multi_direction_inputs(batch, channels, length, dstate, groups, 2, shared, token_major)
+    want = generic(inputs, ("forward", "backward"), merge)
+    with torch.no_grad():
+        got = fused(inputs, ("forward", "backward"), merge)
+        public = generic(inputs, ("forward", "backward"), merge, backend="cpu")
+    assert got.shape == want.shape and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(public, got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("directions", [("backward",), ("backward", "forward", "backward")])
+def test_multi_direction_hook_other_direction_lists(chunk, directions):
+    inputs = multi_direction_inputs(2, 5, 70, 16, 1, k=len(directions), token_major=True)
+    for merge in ("mean", "none"):
+        with torch.no_grad():
+            got = fused(inputs, directions, merge)
+        torch.testing.assert_close(got, generic(inputs, directions, merge), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_direction_hook_low_precision(chunk, dtype):
+    inputs = multi_direction_inputs(2, 24, 2 * chunk + 3, 16, 1, token_major=True)
+    want = generic(inputs, ("forward", "backward"), "mean")
+    low = {k: v.to(dtype) for k, v in inputs.items()}
+    with torch.inference_mode():
+        got = fused(low, ("forward", "backward"), "mean")
+    rtol, atol = {torch.float32: (6e-4, 2e-3), torch.bfloat16: (3e-2, 5e-2)}[dtype]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+
+
+def test_multi_direction_hook_declines_and_generic_path_runs(chunk):
+    # Gradients needed, column directions: the hook declines and the generic path gives the same results
+    # and gradients as the reference backend.
+    inputs = multi_direction_inputs(2, 4, 12, 3, 1, shared=False)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    names = ("row", "row_reversed")
+    out = cpu_backend.cpu_multi_direction_scan(**leaves, directions=names, merge="sum")
+    assert out is NotImplemented
+    grid = {"directions": ("row", "col"), "grid_size": (3, 4), "merge": "sum"}
+    assert cpu_backend.cpu_multi_direction_scan(**inputs, **grid) is NotImplemented
+    for directions, grid_size in ((("forward", "backward"), None), (("row", "col_reversed"), (3, 4))):
+        grads = []
+        for backend in ("cpu", "reference"):
+            leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+            out = multi_direction_selective_scan(
+                **leaves, delta_softplus=True, directions=directions, grid_size=grid_size, backend=backend
+            )
+            weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+            grads.append((out, *torch.autograd.grad((out * weight).sum(), list(leaves.values()))))
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_multi_direction_bad_input_still_raises(chunk):
+    inputs = multi_direction_inputs(1, 4, 6, 2, 1)
+    inputs["u"] = inputs["u"][:, :3]
+    with torch.no_grad(), pytest.raises(ValueError, match="u must have 4 channels"):
+        generic(inputs, ("forward", "backward"), "sum", backend="cpu")
