@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import Plan, load_bc, load_rows, softplus, store_rows, token_index
-from .scan_fwd import _flags, launch_boundary, strides
+from .scan_fwd import kernel_flags, launch_boundary, strides
 
 __all__ = ["launch_backward"]
 
@@ -461,7 +461,7 @@ def launch_backward(
         *z_strides,
         *dout_strides,
     )
-    flags = _flags(p, plan, None, z, delta_bias, delta_softplus)
+    flags = kernel_flags(p, plan, None, z, delta_bias, delta_softplus)
     del flags["HAS_D"]
     flags.update(BLOCK_D=plan.bwd_block_d, SUB=plan.bwd_sub)
     grid = (p.total_channels // plan.bwd_block_d, p.batch, plan.n_chunks)
@@ -519,7 +519,7 @@ def launch_backward(
         *B.stride(),
         *C.stride(),
         **{
-            **_flags(p, plan, D, z, delta_bias, delta_softplus),
+            **kernel_flags(p, plan, D, z, delta_bias, delta_softplus),
             "BLOCK_D": plan.bwd_block_d,
             "SUB": plan.bwd_sub,
         },

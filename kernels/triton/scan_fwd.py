@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ._common import Plan, load_bc, load_rows, softplus, store_rows, token_index
 
-__all__ = ["launch_boundary", "launch_forward"]
+__all__ = ["kernel_flags", "launch_boundary", "launch_forward"]
 
 
 @triton.jit
@@ -210,7 +210,8 @@ def strides(t: Tensor) -> tuple[int, ...]:
     return (t.stride(0), t.stride(1), t.stride(2))
 
 
-def _flags(problem, plan: Plan, D, z, delta_bias, delta_softplus) -> dict:
+def kernel_flags(problem, plan: Plan, D, z, delta_bias, delta_softplus) -> dict:
+    """The compile-time flags (block sizes, optional inputs, dtypes) shared by the forward and backward kernels."""
     return {
         "BLOCK_D": plan.block_d,
         "BLOCK_N": triton.next_power_of_2(problem.dstate),
@@ -307,7 +308,7 @@ def launch_forward(
             *C.stride(),
         )
 
-    flags = _flags(p, plan, D, z, delta_bias, delta_softplus)
+    flags = kernel_flags(p, plan, D, z, delta_bias, delta_softplus)
     grid = (p.total_channels // plan.block_d, p.batch, plan.n_chunks)
     if plan.n_chunks == 1:
         _fwd_kernel[grid](

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRETED, token_index
-from .ssd_fwd import _dot, triton_ssd_forward
+from .ssd_fwd import dot_fp32, triton_ssd_forward
 
 __all__ = ["triton_ssd_backward"]
 
@@ -99,7 +99,7 @@ def _ssd_bwd_kernel(
             other=0.0,
         )
         weight = tl.exp(cs_last - cs) * dt
-        state = state * tl.exp(cs_last) + _dot(
+        state = state * tl.exp(cs_last) + dot_fp32(
             tl.trans(xs), (Bs * weight[:, None]).to(xs.dtype), PRECISION, UPCAST
         )
 
@@ -143,7 +143,7 @@ def _ssd_bwd_kernel(
         Bf = Bs.to(tl.float32)
         Cf = Cs.to(tl.float32)
         decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
-        cb = _dot(Cs, tl.trans(Bs), PRECISION, UPCAST)
+        cb = dot_fp32(Cs, tl.trans(Bs), PRECISION, UPCAST)
         G = cb * decay
         DX = tl.dot(
             dys, tl.trans(xf), input_precision=PRECISION

@@ -22,11 +22,11 @@ import triton.language as tl
 
 from ._common import INTERPRETED, softplus, token_index
 
-__all__ = ["triton_ssd_forward"]
+__all__ = ["dot_fp32", "triton_ssd_forward"]
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def dot_fp32(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``tl.dot`` with float32 accumulation; UPCAST feeds it float32 copies (the interpreter's tl.dot
     mishandles bfloat16, so bfloat16 operands are widened there, exactly, after their rounding)."""
     if UPCAST:
@@ -103,15 +103,15 @@ def _ssd_fwd_kernel(
         Cs = tl.load(C_base + s[:, None] * sc_l + offs_n[None, :] * sc_n, mask=bc_mask, other=0.0)
 
         # 2. intra-chunk outputs: the masked, decayed C B^T applied to dt * x
-        cb = _dot(Cs, tl.trans(Bs), PRECISION, UPCAST)
+        cb = dot_fp32(Cs, tl.trans(Bs), PRECISION, UPCAST)
         decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
         mix = cb * decay * dt[None, :]
-        y = _dot(mix.to(xs.dtype), xs, PRECISION, UPCAST)
+        y = dot_fp32(mix.to(xs.dtype), xs, PRECISION, UPCAST)
         # 3. inter-chunk outputs: the entering state read out by C
-        y += _dot(Cs, tl.trans(state).to(Cs.dtype), PRECISION, UPCAST) * tl.exp(cs)[:, None]
+        y += dot_fp32(Cs, tl.trans(state).to(Cs.dtype), PRECISION, UPCAST) * tl.exp(cs)[:, None]
         # 4. state passing
         weight = tl.exp(cs_last - cs) * dt
-        state = state * tl.exp(cs_last) + _dot(
+        state = state * tl.exp(cs_last) + dot_fp32(
             tl.trans(xs), (Bs * weight[:, None]).to(xs.dtype), PRECISION, UPCAST
         )
 
