@@ -15,6 +15,7 @@ tensors load with ``weights_only=True`` and nothing else is executed.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -26,12 +27,15 @@ from torch import Tensor, nn
 
 __all__ = [
     "check_state_dict_fits",
+    "fit_hierarchical_state_dict",
     "load_checkpoint_file",
     "load_state_dict_strict",
     "read_checkpoint_file",
     "resolve_pretrained_file",
     "select_state_dict",
 ]
+
+_logger = logging.getLogger(__name__)
 
 _EMA_KEYS = ("model_ema", "state_dict_ema", "ema")
 _MODEL_KEYS = ("model", "state_dict")
@@ -217,3 +221,43 @@ def load_state_dict_strict(
     """Load all of ``state_dict`` into ``model`` or raise naming the keys that do not fit."""
     check_state_dict_fits(model, state_dict, source)
     model.load_state_dict(state_dict, strict=True)
+
+
+def fit_hierarchical_state_dict(
+    model: nn.Module, state_dict: dict[str, Tensor], family: str, first_conv: str
+) -> dict[str, Tensor]:
+    """The last step of a hierarchical backbone's checkpoint filter (VMamba, VSSD): fill and check.
+
+    A model built with dense-prediction stage norms (``feature_norms``) takes the parts a dense-prediction
+    or classification checkpoint lacks by design (``feature_norms.``, ``norm.``, ``head.``) from the model
+    as initialised. Then everything is checked except what timm adapts after the filter: the head (dropped
+    when num_classes differs) and the input channels of ``first_conv`` (in_chans). A dense-prediction
+    checkpoint offered to a classifier gets a hint to use ``features_only=True``.
+    """
+    expected = model.state_dict()
+    if model.feature_norms is not None:
+        filled = [
+            k for k in expected if k.startswith(("feature_norms.", "norm.", "head.")) and k not in state_dict
+        ]
+        if filled:
+            _logger.info(
+                f"{family} checkpoint has no {sorted({k.rsplit('.', 1)[0] for k in filled})}: kept as initialised"
+            )
+        state_dict.update({k: expected[k] for k in filled})
+
+    probe = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    if len(probe) < len(state_dict):
+        probe.update({k: v for k, v in expected.items() if k.startswith("head.")})
+    stem, want = probe.get(first_conv), expected[first_conv]
+    if stem is not None and stem.shape[:1] + stem.shape[2:] == want.shape[:1] + want.shape[2:]:
+        probe[first_conv] = want
+    try:
+        check_state_dict_fits(model, probe, f"{family} checkpoint")
+    except RuntimeError as err:
+        if model.feature_norms is None and any(k.startswith("feature_norms.") for k in probe):
+            raise RuntimeError(
+                f"{err}\nThis is a dense-prediction backbone checkpoint (stage norms 'outnorm{{i}}', no "
+                "classifier): load it with features_only=True."
+            ) from None
+        raise
+    return state_dict

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from vmamba.layers.projections import block_diagonal
 from vmamba.layers.ss2d import SS2D, cross_scan, layer_norm_2d
-from vmamba.models._helpers import check_state_dict_fits, resolve_pretrained_file, select_state_dict
+from vmamba.models._helpers import fit_hierarchical_state_dict, resolve_pretrained_file, select_state_dict
 
 __all__ = ["VMamba", "VSSBlock", "checkpoint_filter_fn"]
 
@@ -458,36 +458,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VMamba) -> dict[s
         ):
             state_dict[key] = value.reshape(target.shape)
 
-    # Parts a checkpoint lacks by design (see the docstring), taken from the model as initialised.
-    filled = []
-    if model.feature_norms is not None:
-        filled = [
-            k for k in expected if k.startswith(("feature_norms.", "norm.", "head.")) and k not in state_dict
-        ]
-        if filled:
-            _logger.info(
-                f"VMamba checkpoint has no {sorted({k.rsplit('.', 1)[0] for k in filled})}: kept as initialised"
-            )
-        state_dict.update({k: expected[k] for k in filled})
-
-    # Check everything except what timm adapts after this filter: the head (dropped when num_classes
-    # differs) and the input channels of the first conv (in_chans).
-    probe = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-    if len(probe) < len(state_dict):
-        probe.update({k: v for k, v in expected.items() if k.startswith("head.")})
-    stem, want = probe.get("stem.conv1.weight"), expected["stem.conv1.weight"]
-    if stem is not None and stem.shape[:1] + stem.shape[2:] == want.shape[:1] + want.shape[2:]:
-        probe["stem.conv1.weight"] = want
-    try:
-        check_state_dict_fits(model, probe, "VMamba checkpoint")
-    except RuntimeError as err:
-        if model.feature_norms is None and any(k.startswith("feature_norms.") for k in probe):
-            raise RuntimeError(
-                f"{err}\nThis is a dense-prediction backbone checkpoint (stage norms 'outnorm{{i}}', no "
-                "classifier): load it with features_only=True."
-            ) from None
-        raise
-    return state_dict
+    return fit_hierarchical_state_dict(model, state_dict, "VMamba", "stem.conv1.weight")
 
 
 # ---------------------------------------------------------------------------------------------------

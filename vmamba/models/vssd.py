@@ -37,7 +37,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from vmamba.layers.nc_ssd import NCSSD
-from vmamba.models._helpers import check_state_dict_fits, resolve_pretrained_file, select_state_dict
+from vmamba.models._helpers import fit_hierarchical_state_dict, resolve_pretrained_file, select_state_dict
 
 __all__ = ["VSSD", "VSSDBlock", "checkpoint_filter_fn"]
 
@@ -431,36 +431,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VSSD) -> dict[str
     if "stem.conv1.conv.weight" not in state_dict:  # official layout
         state_dict = {_official_to_timm_key(k): v for k, v in state_dict.items()}
 
-    expected = model.state_dict()
-    filled = []
-    if model.feature_norms is not None:
-        filled = [
-            k for k in expected if k.startswith(("feature_norms.", "norm.", "head.")) and k not in state_dict
-        ]
-        if filled:
-            _logger.info(
-                f"VSSD checkpoint has no {sorted({k.rsplit('.', 1)[0] for k in filled})}: kept as initialised"
-            )
-        state_dict.update({k: expected[k] for k in filled})
-
-    # Check everything except what timm adapts after this filter: the head (dropped when num_classes
-    # differs) and the input channels of the first conv (in_chans).
-    probe = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-    if len(probe) < len(state_dict):
-        probe.update({k: v for k, v in expected.items() if k.startswith("head.")})
-    stem, want = probe.get("stem.conv1.conv.weight"), expected["stem.conv1.conv.weight"]
-    if stem is not None and stem.shape[:1] + stem.shape[2:] == want.shape[:1] + want.shape[2:]:
-        probe["stem.conv1.conv.weight"] = want
-    try:
-        check_state_dict_fits(model, probe, "VSSD checkpoint")
-    except RuntimeError as err:
-        if model.feature_norms is None and any(k.startswith("feature_norms.") for k in probe):
-            raise RuntimeError(
-                f"{err}\nThis is a dense-prediction backbone checkpoint (stage norms 'outnorm{{i}}', no "
-                "classifier): load it with features_only=True."
-            ) from None
-        raise
-    return state_dict
+    return fit_hierarchical_state_dict(model, state_dict, "VSSD", "stem.conv1.conv.weight")
 
 
 # ---------------------------------------------------------------------------------------------------
