@@ -2,19 +2,25 @@
 
 Vim's mixer convolves the same sequence x twice: causally with the forward kernel, and causally over the
 reversed sequence with the backward kernel. In storage order the second is an *anti-causal* convolution
-with the kernel reversed. Both fit one depthwise convolution with ``2k - 1`` taps centred on each token:
-the forward kernel on taps ``0..k-1`` (the token and the k-1 before it), the reversed backward kernel on
-taps ``k-1..2k-2`` (the token and the k-1 after it), zeros elsewhere, two output channels per input
-channel. :func:`bidirectional_causal_conv1d` is that one call, in the token-major layout the projections
-produce and consume; :func:`bidirectional_causal_conv1d_reference` is the float64 loop it is tested
-against.
-"""
+with the kernel reversed. :func:`bidirectional_causal_conv1d` is both in one call, in the token-major layout
+the projections produce and consume:
 
-from __future__ import annotations
+- float32 CPU inference runs a loop of the C++ library (:mod:`.cpu`) that reads x in place and writes the
+  token-major result directly (PyTorch's depthwise conv1d is slow on CPU and needs two layout copies);
+- everywhere else (GPU, autograd, tracing, export) it is one depthwise convolution with ``2k - 1`` taps
+  centred on each token: the forward kernel on taps ``0..k-1`` (the token and the k-1 before it), the
+  reversed backward kernel on taps ``k-1..2k-2`` (the token and the k-1 after it), zeros elsewhere, two
+  output channels per input channel.
+
+:func:`bidirectional_causal_conv1d_reference` is the float64 loop both are tested against.
+"""
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .cpu import cpu_bidirectional_conv1d
+from .eager import is_eager_cpu_inference
 
 __all__ = ["bidirectional_causal_conv1d", "bidirectional_causal_conv1d_reference"]
 
@@ -37,6 +43,7 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, weight_b: Tensor, bia
     return k
 
 
+@torch.jit.ignore  # TorchScript leaves it to Python, so scripted models run the same kernels as eager
 def bidirectional_causal_conv1d(
     x: Tensor,
     weight: Tensor,
@@ -60,21 +67,34 @@ def bidirectional_causal_conv1d(
         reversed back), each plus its bias.
     """
     k = _check(x, weight, bias, weight_b, bias_b)
+    channels = x.shape[2]
+    if bias is None and bias_b is None:
+        both_bias: Tensor | None = None
+    else:
+        zeros = torch.zeros(channels, dtype=weight.dtype, device=weight.device)
+        both_bias = torch.stack([zeros if bias is None else bias, zeros if bias_b is None else bias_b])
+    if is_eager_cpu_inference(x, weight, both_bias, weight_b) and x.stride(2) == 1:
+        # (2, k, C): tap j of each direction, channels innermost, as the C++ loop reads them.
+        taps = torch.stack([weight.reshape(channels, k), weight_b.reshape(channels, k)]).transpose(1, 2)
+        out = cpu_bidirectional_conv1d(x, taps, both_bias, silu)
+        if out is not None:
+            return out
+    return _conv_as_one_torch_conv(x, weight, both_bias, weight_b, k, silu)
+
+
+def _conv_as_one_torch_conv(
+    x: Tensor, weight: Tensor, both_bias: Tensor | None, weight_b: Tensor, k: int, silu: bool
+) -> Tensor:
+    """The op as one grouped ``F.conv1d`` with 2k - 1 taps (the autograd, export and GPU path)."""
     batch, length, channels = x.shape
     w_f = weight.reshape(channels, k)
     w_b = weight_b.reshape(channels, k)
     # (C, 2, 2k-1): tap k-1 is the token itself; output channel 2c + d is input channel c, direction d.
     taps = torch.stack([F.pad(w_f, (0, k - 1)), F.pad(w_b.flip(-1), (k - 1, 0))], dim=1)
-    if bias is None and bias_b is None:
-        both_bias: Tensor | None = None
-    else:
-        zeros = torch.zeros(channels, dtype=weight.dtype, device=weight.device)
-        both_bias = torch.stack([zeros if bias is None else bias, zeros if bias_b is None else bias_b], dim=1)
-        both_bias = both_bias.reshape(2 * channels)
     y = F.conv1d(
         x.transpose(1, 2),
         taps.reshape(2 * channels, 1, 2 * k - 1),
-        both_bias,
+        None if both_bias is None else both_bias.t().reshape(2 * channels),
         padding=k - 1,
         groups=channels,
     )

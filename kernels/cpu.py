@@ -38,6 +38,7 @@ from .torch_scan import torch_scan_backward, torch_scan_forward
 __all__ = [
     "CACHE_ENV_VAR",
     "NO_BUILD_ENV_VAR",
+    "cpu_bidirectional_conv1d",
     "cpu_multi_direction_scan",
     "cpu_scan_backward",
     "cpu_scan_forward",
@@ -213,6 +214,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ss_math_f32.argtypes = [i32, p, p, i64]
     lib.ss_math_f32.restype = None
     lib.ss_has_openmp.restype = i32
+    lib.ss_bidir_conv_f32.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, i64, i32, i32]
+    lib.ss_bidir_conv_f32.restype = i32
 
 
 _LIBRARY = _Library()
@@ -246,6 +249,40 @@ def kernel_math(name: str, x: Tensor) -> Tensor:
     if lib is None:
         raise RuntimeError(f"the 'cpu' selective-scan backend is unavailable: {_LIBRARY.error}")
     lib.ss_math_f32(_MATH.index(name), xf.data_ptr(), out.data_ptr(), xf.numel())
+    return out
+
+
+def cpu_bidirectional_conv1d(x: Tensor, taps: Tensor, bias: Tensor | None, silu: bool) -> Tensor | None:
+    """Vim's two causal depthwise convolutions (+ SiLU) in the C++ library, for float32 inference.
+
+    ``x`` (batch, L, C) float32 with unit channel stride; ``taps`` (2, k, C) and ``bias`` (2, C) as
+    :func:`vmamba.kernels.conv1d.bidirectional_causal_conv1d` builds them. Returns the (batch, L, 2C)
+    token-major result, or None when the library is unavailable (the caller then runs PyTorch's conv).
+    """
+    lib = _LIBRARY.get()
+    if lib is None:
+        return None
+    batch, length, channels = x.shape
+    if length == 0 or batch == 0:
+        return x.new_empty((batch, length, 2 * channels))
+    taps = taps.to(torch.float32).contiguous()
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    out = torch.empty((batch, length, 2 * channels), dtype=torch.float32)
+    rc = lib.ss_bidir_conv_f32(
+        x.data_ptr(),
+        x.stride(0),
+        x.stride(1),
+        taps.data_ptr(),
+        _ptr(bias),
+        out.data_ptr(),
+        batch,
+        length,
+        channels,
+        taps.shape[1],
+        int(silu),
+        torch.get_num_threads(),
+    )
+    _check(rc, "bidirectional conv1d")
     return out
 
 

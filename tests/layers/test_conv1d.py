@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from vmamba.kernels import bidirectional_causal_conv1d, bidirectional_causal_conv1d_reference
+from vmamba.kernels import conv1d as conv1d_module
+from vmamba.kernels import cpu as cpu_backend
 
 
 def _inputs(batch=2, length=9, channels=5, k=4, bias=True, dtype=torch.float64, seed=0):
@@ -87,7 +89,82 @@ def test_bad_shapes_are_named():
         bidirectional_causal_conv1d(x, w, b, w_b, b_b[:2])
 
 
-def test_scriptable():
-    args = _inputs(dtype=torch.float32)
-    scripted = torch.jit.script(bidirectional_causal_conv1d)
-    torch.testing.assert_close(scripted(*args, True), bidirectional_causal_conv1d(*args))
+# --- The C++ loop (float32 CPU inference) -------------------------------------------------------------
+
+
+@pytest.fixture
+def cpu_library():
+    info = cpu_backend.library_info()
+    if not info["available"]:
+        pytest.skip(f"the C++ library cannot be built on this machine: {info['error']}")
+    return info
+
+
+@pytest.fixture
+def counted_cpu_calls(monkeypatch):
+    """Counts the calls that reach the C++ kernel (so a test knows which path it checked)."""
+    calls = []
+    real = conv1d_module.cpu_bidirectional_conv1d
+
+    def counted(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(conv1d_module, "cpu_bidirectional_conv1d", counted)
+    return calls
+
+
+# Channel counts around the SIMD width (a remainder loop), lengths shorter and longer than the kernel.
+@pytest.mark.parametrize("channels", [1, 5, 16, 37, 384])
+@pytest.mark.parametrize("length", [1, 3, 4, 9, 197])
+@pytest.mark.parametrize("k", [1, 4])
+def test_cpu_kernel_matches_float64_reference(cpu_library, counted_cpu_calls, channels, length, k):
+    args = _inputs(batch=2, length=length, channels=channels, k=k, dtype=torch.float32, seed=length)
+    with torch.no_grad():
+        out = bidirectional_causal_conv1d(*args)
+        plain = bidirectional_causal_conv1d(*args, silu=False)
+    assert len(counted_cpu_calls) == 2
+    assert out.shape == (2, length, 2 * channels) and out.is_contiguous() and out.dtype == torch.float32
+    args64 = [t.double() for t in args]
+    torch.testing.assert_close(
+        out.double(), bidirectional_causal_conv1d_reference(*args64), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        plain.double(), bidirectional_causal_conv1d_reference(*args64, silu=False), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_cpu_kernel_reads_strided_input_and_no_bias(cpu_library, counted_cpu_calls):
+    x, w, _, w_b, _ = _inputs(batch=3, length=20, channels=24, dtype=torch.float32)
+    xz = torch.cat([torch.randn_like(x), x, torch.randn_like(x)], dim=2)[..., 24:48]  # a middle slice
+    with torch.no_grad():
+        out = bidirectional_causal_conv1d(xz, w, None, w_b, None)
+    assert len(counted_cpu_calls) == 1
+    want = bidirectional_causal_conv1d_reference(x.double(), w.double(), None, w_b.double(), None)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_kernel_only_for_float32_inference(cpu_library, counted_cpu_calls):
+    args = [t.requires_grad_() for t in _inputs(dtype=torch.float32)]
+    out = bidirectional_causal_conv1d(*args)  # autograd: PyTorch's convolution
+    assert out.requires_grad and not counted_cpu_calls
+    with torch.no_grad():
+        bidirectional_causal_conv1d(*[t.double() for t in args])  # float64: PyTorch's convolution
+    assert not counted_cpu_calls
+    with torch.no_grad():
+        bidirectional_causal_conv1d(*args)
+    assert len(counted_cpu_calls) == 1
+
+
+def test_cpu_kernel_thread_count_does_not_change_results(cpu_library):
+    args = _inputs(batch=2, length=50, channels=40, dtype=torch.float32)
+    before = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = bidirectional_causal_conv1d(*args)
+            torch.set_num_threads(2)
+            two = bidirectional_causal_conv1d(*args)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)

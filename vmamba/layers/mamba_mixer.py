@@ -3,12 +3,11 @@
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmamba.kernels import VIM_DIRECTIONS, bidirectional_causal_conv1d, multi_direction_selective_scan
 
-from .projections import block_diagonal
+from .projections import per_direction_linear
 from .ssm_init import init_a_log_, init_dt_bias_, init_dt_weight_
 
 __all__ = ["BiMambaMixer", "bidirectional_scan"]
@@ -152,7 +151,7 @@ class BiMambaMixer(nn.Module):
 
         Activations stay token-major, (B, L, channels) as the GEMMs produce them, and reach the scan as
         ``.transpose(1, 2)`` views; both directions share every step: one convolution, one batched x_proj
-        GEMM, one block-diagonal dt_proj GEMM, one scan. Only the small per-direction parameters are
+        GEMM, one dt_proj GEMM for both directions, one scan. Only the small per-direction parameters are
         stacked on each call (the official checkpoint layout keeps them apart).
         """
         batch, length, _ = hidden_states.shape
@@ -161,16 +160,17 @@ class BiMambaMixer(nn.Module):
         x, z = xz[..., :e], xz[..., e:]
         # Both directions' causal conv + SiLU: (B, L, 2E), the backward block anti-causal in storage order.
         u = bidirectional_causal_conv1d(
-            x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias
+            x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias, True
         )
         # x_proj of both directions as one batched GEMM: (2, B*L, E) @ (2, E, R + 2N) -> (2, B*L, R + 2N).
         x_dbl = torch.bmm(
             u.view(batch * length, 2, e).transpose(0, 1),
             torch.stack([self.x_proj.weight, self.x_proj_b.weight]).transpose(1, 2),
         ).view(2, batch, length, r + 2 * n)
-        # dt_proj of both directions as one block-diagonal GEMM on the (small) ranks side by side: (B, L, 2E).
-        dts = x_dbl[..., :r].permute(1, 2, 0, 3).reshape(batch, length, 2 * r)
-        delta = F.linear(dts, block_diagonal(torch.stack([self.dt_proj.weight, self.dt_proj_b.weight])))
+        # dt_proj of both directions, written side by side: (B, L, 2E).
+        delta = per_direction_linear(
+            x_dbl[..., :r].flatten(1, 2), torch.stack([self.dt_proj.weight, self.dt_proj_b.weight])
+        ).view(batch, length, 2 * e)
         y = bidirectional_scan(
             u.transpose(1, 2),
             delta.transpose(1, 2),

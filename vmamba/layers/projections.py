@@ -1,11 +1,12 @@
 """Per-direction projections of the scan mixers computed as one GEMM."""
 
-from __future__ import annotations
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["block_diagonal"]
+from vmamba.kernels import is_eager_cpu_inference
+
+__all__ = ["block_diagonal", "per_direction_linear"]
 
 
 def block_diagonal(weights: Tensor) -> Tensor:
@@ -20,3 +21,21 @@ def block_diagonal(weights: Tensor) -> Tensor:
     k, out_features, in_features = weights.shape
     eye = torch.eye(k, dtype=weights.dtype, device=weights.device)
     return (weights[:, :, None, :] * eye[:, None, :, None]).reshape(k * out_features, k * in_features)
+
+
+@torch.jit.ignore  # TorchScript leaves it to Python, so scripted models run the same GEMMs as eager
+def per_direction_linear(x: Tensor, weights: Tensor) -> Tensor:
+    """K bias-free projections side by side: x (K, M, in), weights (K, out, in) -> (M, K*out).
+
+    Block k of the output's features is ``x[k] @ weights[k].T``, so the result is token-major and
+    direction-major, as the scan reads its step sizes. CPU inference runs it as one batched GEMM writing
+    into the slices of the output (no copies, no zero blocks); elsewhere (autograd, GPU, tracing) as one
+    GEMM with the :func:`block_diagonal` weight, which is differentiable and exportable.
+    """
+    k, m, in_features = x.shape
+    out_features = weights.shape[1]
+    if is_eager_cpu_inference(x, weights):
+        out = x.new_empty(m, k * out_features)
+        torch.bmm(x, weights.transpose(1, 2), out=out.view(m, k, out_features).transpose(0, 1))
+        return out
+    return F.linear(x.permute(1, 0, 2).reshape(m, k * in_features), block_diagonal(weights))
