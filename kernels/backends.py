@@ -49,6 +49,8 @@ class ScanBackend:
     # Optional fused multi-direction scan with the signature of
     # ``vmamba.kernels.multi_direction_selective_scan`` (without ``backend``); None: one grouped scan call.
     multi_direction: Callable | None = None
+    # Whether that hook takes ``delta_proj_weight`` (low-rank step inputs); if not, delta is projected first.
+    multi_direction_low_rank: bool = False
 
 
 _REGISTRY: dict[str, ScanBackend] = {}

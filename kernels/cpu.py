@@ -203,7 +203,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suffix in ("f32", "f64"):
         forward = getattr(lib, f"ss_forward_{suffix}")
-        forward.argtypes = [p] * 12 + [i32, i32, ctypes.c_double, i32]
+        forward.argtypes = [p] * 9 + [i64] + [p] * 4 + [i32, i32, ctypes.c_double, i32]
         forward.restype = i32
         backward = getattr(lib, f"ss_backward_{suffix}")
         backward.argtypes = [p] * 18 + [i64] * 6 + [i32, i32]
@@ -354,7 +354,11 @@ def cpu_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tup
     last = torch.empty((batch, dim, dstate), dtype=f)
     views = (uf, df, zf if zf is not None else uf, out, Bf, Cf, Af)
     rc = _entry("forward", f)(
-        *(_ptr(t) for t in (uf, df, Af, Bf, Cf, Df, zf, bf, out, last)),
+        *(_ptr(t) for t in (uf, df, Af, Bf, Cf, Df, zf, bf)),
+        None,  # no low-rank step input
+        0,
+        out.data_ptr(),
+        last.data_ptr(),
         _int64s([batch, dim, length, dstate, groups]),
         _int64s([s for t in views for s in t.stride()]),
         int(bool(delta_softplus)),
@@ -423,9 +427,9 @@ _REVERSED = {"row": False, "row_reversed": True}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _fusable(u, delta, A, B, C, D, z, delta_bias, directions, merge) -> bool:
+def _fusable(u, delta, A, B, C, D, z, delta_bias, directions, merge, delta_proj_weight) -> bool:
     """Whether the fused inference forward takes this call (else the generic path runs, and checks it)."""
-    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj_weight) if t is not None]
     if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
         return False
     if not directions or any(d not in _REVERSED for d in directions) or merge not in MERGES:
@@ -433,10 +437,21 @@ def _fusable(u, delta, A, B, C, D, z, delta_bias, directions, merge) -> bool:
     if any(t.dtype not in _KERNEL_DTYPES or t.device.type != "cpu" for t in tensors):
         return False
     k = len(directions)
-    if delta.dim() != 3 or delta.shape[1] % k or A.dim() != 2 or delta.numel() == 0 or A.shape[1] == 0:
+    if delta.dim() != 3 or A.dim() != 2 or delta.numel() == 0 or A.shape[1] == 0 or A.shape[0] % k:
         return False
-    batch, total, length = delta.shape
+    batch, steps, length = delta.shape
+    total = A.shape[0]
     channels = total // k
+    if delta_proj_weight is None and steps != total:
+        return False
+    if delta_proj_weight is not None:
+        rank = delta_proj_weight.shape[-1]
+        if (
+            delta_proj_weight.shape != (total, rank)
+            or steps != k * rank
+            or delta_proj_weight.dtype != A.dtype
+        ):
+            return False
     for t in (u, z):
         if t is not None and (t.dim() != 3 or t.shape[0] != batch or t.shape[2] != length):
             return False
@@ -478,6 +493,7 @@ def cpu_multi_direction_scan(
     directions: tuple[str, ...],
     grid_size: tuple[int, int] | None = None,
     merge: str = "sum",
+    delta_proj_weight: Tensor | None = None,
 ) -> Tensor:
     """The ``multi_direction`` hook: Vim's 1-D directions for inference, scanned in place and merged.
 
@@ -487,21 +503,24 @@ def cpu_multi_direction_scan(
     token with negated token strides, so it reads u, delta, z, B, C and writes its output back to front
     without reversed copies. The first direction writes the output, later ones add into it (the last one
     scaling by 1/K for ``merge="mean"``); ``merge="none"`` writes each direction into its own slot. The
-    output is token-major when delta is (channels contiguous), like the inputs of Vim's mixer.
+    output is token-major when delta is (channels contiguous), like the inputs of Vim's mixer. With
+    ``delta_proj_weight`` the kernel computes each step from the low-rank input (dt_proj fused in).
 
     Returns NotImplemented otherwise (gradients needed, column directions, other dtypes, empty or
     inconsistent inputs): the caller then runs its generic path, which does the checks.
     """
-    if not _fusable(u, delta, A, B, C, D, z, delta_bias, directions, merge):
+    if not _fusable(u, delta, A, B, C, D, z, delta_bias, directions, merge, delta_proj_weight):
         return NotImplemented
     k = len(directions)
-    batch, total, length = delta.shape
+    batch, steps, length = delta.shape
+    total = A.shape[0]
     channels, groups, dstate = total // k, B.shape[1] // k, A.shape[1]
+    per_direction_steps = steps // k
     f = math_dtype(u)
     uf, df, Af, Bf, Cf, zf = (_as(t, f) for t in (u, delta, A, B, C, z))
-    Df, bf = (None if t is None else _as(t, f).contiguous() for t in (D, delta_bias))
+    Df, bf, Wf = (None if t is None else _as(t, f).contiguous() for t in (D, delta_bias, delta_proj_weight))
     slots = k if merge == "none" else 1
-    if delta.stride(1) == 1 and channels > 1:  # token-major, like delta: (batch, L, slots, C) storage
+    if u.stride(1) == 1 and channels > 1:  # token-major, like u: (batch, L, slots, C) storage
         out = torch.empty((batch, length, slots, channels), dtype=f).permute(0, 2, 3, 1)
     else:
         out = torch.empty((batch, slots, channels, length), dtype=f)
@@ -518,10 +537,10 @@ def cpu_multi_direction_scan(
     with torch.profiler.record_function("vmamba::cpu_multi_direction_scan"):  # named in profiles
         for i, name in enumerate(directions):
             rev = _REVERSED[name]
-            ui, di, zi = block(uf, i, channels), block(df, i, channels), block(zf, i, channels)
+            ui, di, zi = block(uf, i, channels), block(df, i, per_direction_steps), block(zf, i, channels)
             Bi, Ci = block(Bf, i, groups), block(Cf, i, groups)
             Ai = Af[i * channels : (i + 1) * channels]
-            Di, bi = (None if t is None else t[i * channels : (i + 1) * channels] for t in (Df, bf))
+            Di, bi, Wi = (None if t is None else t[i * channels : (i + 1) * channels] for t in (Df, bf, Wf))
             oi = out[:, i if merge == "none" else 0]
             scanned = (ui, di, zi if zi is not None else ui, oi, Bi, Ci)
             rc = forward(
@@ -531,6 +550,8 @@ def cpu_multi_direction_scan(
                 _ptr(Di),
                 None if zi is None else _start(zi, rev),
                 _ptr(bi),
+                _ptr(Wi),
+                0 if Wi is None else Wi.shape[1],
                 _start(oi, rev),
                 last.data_ptr(),
                 sizes,
@@ -552,5 +573,6 @@ register_backend(
         _is_available,
         _unavailable_reason,
         multi_direction=cpu_multi_direction_scan,
+        multi_direction_low_rank=True,
     )
 )

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .backends import resolve_backend
+from .projections import per_direction_linear
 from .selective_scan import selective_scan
 from .token_orders import MERGES, canonical_directions, check_grid, from_directions, to_direction_order
 
@@ -53,6 +54,7 @@ def multi_direction_selective_scan(
     grid_size: tuple[int, int] | None = None,
     merge: str = "sum",
     backend: str = "auto",
+    delta_proj_weight: Tensor | None = None,
 ) -> Tensor:
     """Scan K directions in one ``selective_scan`` call, each with its own parameters.
 
@@ -68,10 +70,15 @@ def multi_direction_selective_scan(
         directions: names from :data:`~.token_orders.DIRECTIONS` (or ``"forward"``/``"backward"``), K of them.
         grid_size: (H, W) with H*W = L, needed for the column directions.
         merge: ``"sum"``, ``"mean"`` (the average over directions) or ``"none"`` (batch, K, C, L).
+        delta_proj_weight: (K*C, R) or None. When given, ``delta`` is the low-rank step input
+            (batch, K*R, L) and direction k's steps are ``delta_proj_weight[k*C:(k+1)*C] @ delta[:, k*R:(k+1)*R]``
+            (mamba_ssm's ``delta_proj_weight``: the step projection fused into the scan where a backend can,
+            so the (batch, K*C, L) steps are never stored). ``delta_bias`` is still added afterwards.
 
     A backend's ``multi_direction`` hook is called with the same arguments, ``directions`` replaced by
-    their canonical names (a tuple) and ``merge`` already checked; it may return ``NotImplemented`` for a
-    call it does not take, which then runs the generic path.
+    their canonical names (a tuple) and ``merge`` already checked (``delta_proj_weight`` only for a hook
+    that declares ``multi_direction_low_rank``; others get the projected steps); it may return
+    ``NotImplemented`` for a call it does not take, which then runs the generic path.
     """
     k = len(directions)
     if k == 0:
@@ -80,9 +87,19 @@ def multi_direction_selective_scan(
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     check_grid(u.shape[-1], grid_size)
     names = canonical_directions(directions, grid_size)
+    if delta_proj_weight is not None:
+        if delta_proj_weight.dim() != 2 or delta_proj_weight.shape[0] % k:
+            raise ValueError(
+                f"delta_proj_weight must be (K*C, R) with K={k}, got shape {tuple(delta_proj_weight.shape)}"
+            )
+        rank = delta_proj_weight.shape[1]
+        if delta.dim() != 3 or delta.shape[1] != k * rank:
+            raise ValueError(
+                f"with delta_proj_weight of rank {rank}, delta must be (batch, K*R, L) = (batch, {k * rank}, L), "
+                f"got shape {tuple(delta.shape)}"
+            )
     if delta.dim() != 3 or delta.shape[1] % k:
         raise ValueError(f"delta must be (batch, K*C, L) with K={k}, got shape {tuple(delta.shape)}")
-    channels = delta.shape[1] // k
     if B.dim() != 4 or C.dim() != 4 or B.shape[1] % k or C.shape[1] % k:
         raise ValueError(
             f"B and C must be (batch, K*G, N, L) with K={k}, got {tuple(B.shape)} and {tuple(C.shape)}"
@@ -90,6 +107,12 @@ def multi_direction_selective_scan(
     impl = None
     if not (torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()):
         impl = resolve_backend(backend, u.device)
+    low_rank = {}
+    if delta_proj_weight is not None:
+        if impl is not None and impl.multi_direction is not None and impl.multi_direction_low_rank:
+            low_rank = {"delta_proj_weight": delta_proj_weight}
+        else:
+            delta = _project_steps(delta, delta_proj_weight, k)
     if impl is not None and impl.multi_direction is not None:
         # A fused kernel realises the orders itself: the direction sequences are never materialised.
         fused = impl.multi_direction(
@@ -105,9 +128,13 @@ def multi_direction_selective_scan(
             directions=names,
             grid_size=grid_size,
             merge=merge,
+            **low_rank,
         )
         if fused is not NotImplemented:  # NotImplemented: the hook leaves this call to the generic path
             return fused
+    if low_rank:
+        delta = _project_steps(delta, delta_proj_weight, k)
+    channels = delta.shape[1] // k
     us = _per_direction(u, k, "u", channels, names, grid_size)
     deltas = _per_direction(delta, k, "delta", channels, names, grid_size)
     zs = _per_direction(z, k, "z", channels, names, grid_size)
@@ -116,3 +143,12 @@ def multi_direction_selective_scan(
     Cs = _per_direction(C.flatten(1, 2), k, "C", groups * C.shape[2], names, grid_size).view(C.shape)
     ys = selective_scan(us, deltas, A, Bs, Cs, D, zs, delta_bias, delta_softplus, backend=backend)
     return from_directions(ys.unflatten(1, (k, channels)), names, grid_size, merge)
+
+
+def _project_steps(delta: Tensor, weight: Tensor, k: int) -> Tensor:
+    """Low-rank step inputs (batch, K*R, L) -> steps (batch, K*C, L), direction by direction (token-major)."""
+    batch, _, length = delta.shape
+    rank = weight.shape[1]
+    x = delta.transpose(1, 2).reshape(batch * length, k, rank).transpose(0, 1)  # (K, batch*L, R)
+    steps = per_direction_linear(x, weight.reshape(k, -1, rank))  # (batch*L, K*C)
+    return steps.view(batch, length, -1).transpose(1, 2)

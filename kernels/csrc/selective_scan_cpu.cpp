@@ -244,6 +244,10 @@ struct Fwd {
   const T *D, *z, *bias;  // may be null
   T *out, *last;
   int64_t batch, dim, len, nstate, groups;
+  // With dt_weight (dim, rank) contiguous, `delta` is the low-rank step input (batch, rank, L) (its strides in
+  // sdelta) and the step of channel d is sum_r dt_weight[d, r] delta[b, r, t]: dt_proj fused into the scan.
+  const T* dt_weight;
+  int64_t rank;
   int64_t su[3], sdelta[3], sz[3], sout[3], sB[4], sC[4], sA[2];
   bool softplus;
   bool accumulate;  // out = (out + y) * scale instead of out = y * scale (merging directions)
@@ -425,14 +429,17 @@ inline void store_tile(V* __restrict__ buf, int lanes, int64_t nt, T* p, int64_t
 // between chunks (in registers during one for N = 1 and 16); every step does, per state, one vector exp and
 // three multiply(-add)s, with no horizontal sum. u, delta and z are read a chunk at a time into (step,
 // lane) tiles; dt, softplus, the D skip and the silu(z) gate run on whole vectors.
-// ws: (2 N + 2) vectors per block (A, h, D, delta_bias) and 5 kChunk vectors of tiles (delta, z, u, y, dt u).
+// With a dt_weight, the delta tile is computed from the low-rank input (rank multiply-adds per step).
+// ws: (2 N + 2 + rank) vectors per block (A, h, D, delta_bias, dt_weight columns) and 5 kChunk vectors of
+// tiles (delta, z, u, y, dt u).
 template <typename T, int NS>
 void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t blk1,
                   typename Vec<T>::V* __restrict__ ws) {
   using V = typename Vec<T>::V;
   constexpr int W = Vec<T>::W;
   const int64_t N = NS > 0 ? NS : s.nstate;
-  const int64_t L = s.len, per_group = s.dim / s.groups, per_block = 2 * N + 2;
+  const int64_t L = s.len, per_group = s.dim / s.groups, R = s.dt_weight ? s.rank : 0;
+  const int64_t per_block = 2 * N + 2 + R;
   const int64_t nblk = blk1 - blk0;
   V* __restrict__ dt = ws + nblk * per_block;
   V* __restrict__ zz = dt + kChunk;
@@ -444,13 +451,14 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
     return rest < W ? static_cast<int>(rest) : W;
   };
   for (int64_t k = 0; k < nblk; ++k) {
-    V* st = ws + k * per_block;  // A[0..N), h[N..2N), D, delta_bias
+    V* st = ws + k * per_block;  // A[0..N), h[N..2N), D, delta_bias, dt_weight[.., 0..R)
     for (int64_t i = 0; i < per_block; ++i) st[i] = V{};
     const int64_t d0 = first_channel(k);
     for (int c = 0; c < lanes_of(k); ++c) {
       for (int64_t n = 0; n < N; ++n) st[n][c] = s.A[(d0 + c) * s.sA[0] + n * s.sA[1]] * T(kLog2e);
       if (s.D) st[2 * N][c] = s.D[d0 + c];
       if (s.bias) st[2 * N + 1][c] = s.bias[d0 + c];
+      for (int64_t r = 0; r < R; ++r) st[2 * N + 2 + r][c] = s.dt_weight[(d0 + c) * R + r];
     }
   }
   const T* Bg = s.B + b * s.sB[0] + g * s.sB[1];
@@ -465,15 +473,27 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
       const V* __restrict__ A = ws + k * per_block;
       V* __restrict__ hs = ws + k * per_block + N;
       const V Dv = hs[N], bias = hs[N + 1];
-      load_tile(s.delta + b * s.sdelta[0] + d0 * s.sdelta[1] + t0 * s.sdelta[2], s.sdelta[1], s.sdelta[2],
-                lanes, nt, dt);
+      if (R > 0) {  // dt[t] = sum_r w[r] x[r, t]: the rank values of a step are read as broadcasts
+        const V* __restrict__ wr = ws + k * per_block + 2 * N + 2;
+        const T* x = s.delta + b * s.sdelta[0] + t0 * s.sdelta[2];
+        for (int64_t t = 0; t < nt; ++t) {
+          const T* xt = x + t * s.sdelta[2];
+          V acc = wr[0] * xt[0];
+          for (int64_t r = 1; r < R; ++r) acc += wr[r] * xt[r * s.sdelta[1]];
+          dt[t] = acc;
+        }
+      } else {
+        load_tile(s.delta + b * s.sdelta[0] + d0 * s.sdelta[1] + t0 * s.sdelta[2], s.sdelta[1], s.sdelta[2],
+                  lanes, nt, dt);
+      }
       load_tile(s.u + b * s.su[0] + d0 * s.su[1] + t0 * s.su[2], s.su[1], s.su[2], lanes, nt, uu);
       {  // the next block's (or the next chunk's first block's) tiles load while this one computes
         const bool last_blk = k + 1 == nblk;
         const int64_t t1 = last_blk ? t0 + kChunk : t0, k1 = last_blk ? 0 : k + 1;
         const int64_t d1 = first_channel(k1), nt1 = L - t1 < kChunk ? L - t1 : kChunk;
         if (nt1 > 0) {
-          prefetch_tile(s.delta + b * s.sdelta[0] + d1 * s.sdelta[1] + t1 * s.sdelta[2], s.sdelta[1],
+          if (R == 0)
+            prefetch_tile(s.delta + b * s.sdelta[0] + d1 * s.sdelta[1] + t1 * s.sdelta[2], s.sdelta[1],
                         s.sdelta[2], lanes_of(k1), nt1);
           prefetch_tile(s.u + b * s.su[0] + d1 * s.su[1] + t1 * s.su[2], s.su[1], s.su[2], lanes_of(k1), nt1);
           if (s.z)
@@ -709,7 +729,7 @@ int forward_impl(const Fwd<T>& s, int nthreads) {
   int64_t slices = pairs >= nt ? 1 : (4 * nt + pairs - 1) / pairs;
   slices = slices < blocks ? slices : blocks;
   const int64_t per_slice = (blocks + slices - 1) / slices;
-  const int64_t ws_vectors = per_slice * (2 * s.nstate + 2) + 5 * kChunk;
+  const int64_t ws_vectors = per_slice * (2 * s.nstate + 2 + (s.dt_weight ? s.rank : 0)) + 5 * kChunk;
   int failed = 0;
 #pragma omp parallel num_threads(nt) reduction(| : failed)
   {
@@ -843,10 +863,13 @@ bool valid(int64_t batch, int64_t dim, int64_t len, int64_t nstate, int64_t grou
 
 #define SS_DEFINE(suffix, T)                                                                              \
   SS_EXPORT int ss_forward_##suffix(const T* u, const T* delta, const T* A, const T* B, const T* C,        \
-                                    const T* D, const T* z, const T* bias, T* out, T* last,               \
-                                    const int64_t* sizes, const int64_t* strides, int softplus,           \
-                                    int accumulate, double scale, int nthreads) {                         \
-    Fwd<T> s{u, delta, A, B, C, D, z, bias, out, last, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4]};  \
+                                    const T* D, const T* z, const T* bias, const T* dt_weight,            \
+                                    int64_t rank, T* out, T* last, const int64_t* sizes,                  \
+                                    const int64_t* strides, int softplus, int accumulate, double scale,   \
+                                    int nthreads) {                                                       \
+    Fwd<T> s{u,        delta,    A,        B,        C,        D,         z,    bias, out,                 \
+             last,     sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], dt_weight, rank};                 \
+    if (dt_weight && rank < 1) return -2;                                                                 \
     int64_t* const views[] = {s.su, s.sdelta, s.sz, s.sout, s.sB, s.sC, s.sA};                            \
     const int ranks[] = {3, 3, 3, 3, 4, 4, 2};                                                            \
     for (int v = 0, k = 0; v < 7; ++v)                                                                    \

@@ -445,3 +445,49 @@ def test_multi_direction_bad_input_still_raises(chunk):
     inputs["u"] = inputs["u"][:, :3]
     with torch.no_grad(), pytest.raises(ValueError, match="u must have 4 channels"):
         generic(inputs, ("forward", "backward"), "sum", backend="cpu")
+
+
+def low_rank_inputs(batch, channels, length, dstate, rank, k=2, token_major=True):
+    """Vim-style inputs whose steps come from a low-rank input: delta (batch, K*R, L) and the weight (K*C, R)."""
+    inputs = multi_direction_inputs(batch, channels, length, dstate, 1, k, True, token_major)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, length, k * rank, generator=g, dtype=torch.float64)
+    inputs["delta"] = x.transpose(1, 2) if token_major else x.transpose(1, 2).contiguous()
+    weight = torch.randn(k * channels, rank, generator=g, dtype=torch.float64) / rank**0.5
+    return inputs, weight
+
+
+@pytest.mark.parametrize("dstate", [16, 5])
+@pytest.mark.parametrize("token_major", [True, False])
+@pytest.mark.parametrize("rank", [1, 12])
+def test_multi_direction_hook_low_rank_steps(chunk, dstate, token_major, rank):
+    """dt_proj fused into the kernel: the same as projecting the steps first and scanning (reference)."""
+    inputs, weight = low_rank_inputs(2, 20, chunk + 7, dstate, rank, token_major=token_major)
+    k, channels = 2, 20
+    steps = torch.cat(
+        [
+            weight[i * channels : (i + 1) * channels] @ inputs["delta"][:, i * rank : (i + 1) * rank]
+            for i in range(k)
+        ],
+        dim=1,
+    )
+    want = generic({**inputs, "delta": steps}, ("forward", "backward"), "mean")
+    with torch.no_grad():
+        got = fused(inputs, ("forward", "backward"), "mean", delta_proj_weight=weight)
+        public = multi_direction_selective_scan(
+            **inputs,
+            delta_softplus=True,
+            directions=("forward", "backward"),
+            merge="mean",
+            backend="cpu",
+            delta_proj_weight=weight,
+        )
+        low = fused(
+            {n: v.float() for n, v in inputs.items()},
+            ("forward", "backward"),
+            "mean",
+            delta_proj_weight=weight.float(),
+        )
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(public, got, rtol=0, atol=0)
+    torch.testing.assert_close(low.double(), want, rtol=6e-4, atol=2e-3)

@@ -10,6 +10,7 @@ from vmamba.kernels import (
     VIM_DIRECTIONS,
     VMAMBA_DIRECTIONS,
     ScanBackend,
+    available_backends,
     from_directions,
     multi_direction_selective_scan,
     selective_scan_reference,
@@ -165,3 +166,45 @@ def test_fused_hook_gets_canonical_names(monkeypatch):
     assert seen == {"directions": ("row", "col_reversed"), "grid_size": (2, 3), "merge": "mean"}
     with pytest.raises(ValueError, match="merge must be"):
         multi_direction_selective_scan(u, delta, A, B, B, directions=VIM_DIRECTIONS, merge="max")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_low_rank_steps_equal_projected_steps_with_gradients(backend):
+    """delta_proj_weight: the scan of projected steps, on every backend and through autograd."""
+    if backend not in available_backends(torch.device("cpu")) and backend != "reference":
+        pytest.skip(f"{backend} is not available here")
+    g = torch.Generator().manual_seed(0)
+    batch, channels, length, n, rank, k = 2, 6, 11, 3, 2, 2
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_()
+
+    u, z = rnd(batch, channels, length), rnd(batch, channels, length)
+    x, w = rnd(batch, k * rank, length), rnd(k * channels, rank, scale=0.5)
+    A = (-torch.rand(k * channels, n, generator=g, dtype=torch.float64) - 0.5).requires_grad_()
+    B, C = rnd(batch, k, n, length), rnd(batch, k, n, length)
+    D, bias = rnd(k * channels), rnd(k * channels, scale=0.1)
+    common = dict(delta_softplus=True, directions=("forward", "backward"), merge="mean", backend=backend)
+    got = multi_direction_selective_scan(u, x, A, B, C, D, z, bias, delta_proj_weight=w, **common)
+    steps = torch.cat(
+        [w[i * channels : (i + 1) * channels] @ x[:, i * rank : (i + 1) * rank] for i in range(k)], 1
+    )
+    want = multi_direction_selective_scan(u, steps, A, B, C, D, z, bias, **common)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    leaves = (u, x, w, A, B, C, D, z, bias)
+    for a, b in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_low_rank_shapes_are_checked():
+    u = torch.randn(1, 4, 5)
+    with pytest.raises(ValueError, match="delta must be \\(batch, K\\*R, L\\)"):
+        multi_direction_selective_scan(
+            u,
+            torch.randn(1, 5, 5),
+            -torch.ones(8, 2),
+            torch.randn(1, 2, 2, 5),
+            torch.randn(1, 2, 2, 5),
+            directions=("forward", "backward"),
+            delta_proj_weight=torch.randn(8, 3),
+        )

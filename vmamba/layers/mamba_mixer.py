@@ -7,7 +7,6 @@ from torch import Tensor, nn
 
 from vmamba.kernels import VIM_DIRECTIONS, bidirectional_causal_conv1d, multi_direction_selective_scan
 
-from .projections import per_direction_linear
 from .ssm_init import init_a_log_, init_dt_bias_, init_dt_weight_
 
 __all__ = ["BiMambaMixer", "bidirectional_scan"]
@@ -23,9 +22,12 @@ def bidirectional_scan(
     D: Tensor,
     z: Tensor,
     delta_bias: Tensor,
+    delta_proj_weight: Tensor,
     backend: str,
 ) -> Tensor:
     """Vim's two directions (forward, backward) as one scan, averaged: the mixer's only kernel call.
+
+    ``delta`` is the low-rank step input of both directions, projected by ``delta_proj_weight`` in the scan.
 
     A plain function with positional arguments so that TorchScript can leave it to Python.
     """
@@ -42,6 +44,7 @@ def bidirectional_scan(
         directions=VIM_DIRECTIONS,
         merge="mean",
         backend=backend,
+        delta_proj_weight=delta_proj_weight,
     )
 
 
@@ -151,7 +154,7 @@ class BiMambaMixer(nn.Module):
 
         Activations stay token-major, (B, L, channels) as the GEMMs produce them, and reach the scan as
         ``.transpose(1, 2)`` views; both directions share every step: one convolution, one batched x_proj
-        GEMM, one dt_proj GEMM for both directions, one scan. Only the small per-direction parameters are
+        GEMM, one scan (with dt_proj inside). Only the small per-direction parameters are
         stacked on each call (the official checkpoint layout keeps them apart).
         """
         batch, length, _ = hidden_states.shape
@@ -167,19 +170,18 @@ class BiMambaMixer(nn.Module):
             u.view(batch * length, 2, e).transpose(0, 1),
             torch.stack([self.x_proj.weight, self.x_proj_b.weight]).transpose(1, 2),
         ).view(2, batch, length, r + 2 * n)
-        # dt_proj of both directions, written side by side: (B, L, 2E).
-        delta = per_direction_linear(
-            x_dbl[..., :r].flatten(1, 2), torch.stack([self.dt_proj.weight, self.dt_proj_b.weight])
-        ).view(batch, length, 2 * e)
+        # The low-rank step inputs side by side, (B, L, 2R) (small); dt_proj is applied in the scan.
+        dts = x_dbl[..., :r].permute(1, 2, 0, 3).reshape(batch, length, 2 * r)
         y = bidirectional_scan(
             u.transpose(1, 2),
-            delta.transpose(1, 2),
+            dts.transpose(1, 2),
             -torch.exp(torch.cat([self.A_log, self.A_b_log]).float()),
             x_dbl[..., r : r + n].permute(1, 0, 3, 2),  # B: (B, 2, N, L), one group per direction
             x_dbl[..., r + n :].permute(1, 0, 3, 2),  # C
             torch.cat([self.D, self.D_b]).float(),
             z.transpose(1, 2),  # shared gate, in storage order, applied in the scan's epilogue
             torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
+            torch.cat([self.dt_proj.weight, self.dt_proj_b.weight]),
             self.scan_backend,
         )
         return self.out_proj(y.transpose(1, 2))

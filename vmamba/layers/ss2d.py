@@ -30,8 +30,8 @@ from timm.layers import LayerNorm2d, trunc_normal_
 from torch import Tensor, nn
 
 from vmamba.kernels import VMAMBA_DIRECTIONS, multi_direction_selective_scan
+from vmamba.kernels.projections import block_diagonal
 
-from .projections import block_diagonal
 from .ssm_init import init_a_log_, init_dt_bias_, init_dt_weight_
 
 __all__ = ["SS2D", "cross_scan", "layer_norm_2d"]

@@ -45,7 +45,6 @@ from vmamba.kernels import bidirectional_causal_conv1d
 from vmamba.layers.mamba_mixer import BiMambaMixer, bidirectional_scan
 from vmamba.layers.norm import RMSNorm, rms_norm
 from vmamba.layers.patch_embed import PatchEmbed
-from vmamba.layers.projections import per_direction_linear
 
 from ._helpers import check_state_dict_fits, resolve_pretrained_file, select_state_dict
 
@@ -66,7 +65,6 @@ _GLOBAL_POOLS = ("", "token", "avg", "max")
 register_notrace_function(bidirectional_causal_conv1d)
 register_notrace_function(bidirectional_scan)
 # Leaves too: they read dtype/device attributes, which torch.fx before 2.6 cannot pass on as arguments.
-register_notrace_function(per_direction_linear)
 register_notrace_function(rms_norm)
 
 

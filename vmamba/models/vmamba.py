@@ -35,7 +35,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from vmamba.layers.projections import block_diagonal
+from vmamba.kernels.projections import block_diagonal
 from vmamba.layers.ss2d import SS2D, cross_scan, layer_norm_2d
 from vmamba.models._helpers import fit_hierarchical_state_dict, resolve_pretrained_file, select_state_dict
 

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from vmamba.layers.projections import block_diagonal, per_direction_linear
+from vmamba.kernels.projections import block_diagonal, per_direction_linear
 
 
 def test_block_diagonal_applies_each_weight_to_its_block():

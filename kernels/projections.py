@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vmamba.kernels import is_eager_cpu_inference
+from .eager import is_eager_cpu_inference
 
 __all__ = ["block_diagonal", "per_direction_linear"]
 
