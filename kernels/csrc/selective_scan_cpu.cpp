@@ -209,8 +209,8 @@ inline VD sigmoid(VD x) { return lanewise<sigmoid>(x); }
 
 // The forward scan's decays exp(dt * A), computed as 2^(dt * A') with A' = A log2(e) folded in once per
 // block: t = k + f with k = round(t) and |f| <= 1/2, 2^f by a degree-5 polynomial (fitted for this package
-// to a relative error of 9e-8; 1.9e-7 evaluated in float), scaled by 2^k. On AVX-512 that is 9 instructions
-// (vrndscaleps, vscalefps: exact scaling down to the subnormals and 0) against the 12 of exp_f32, and the
+// to a relative error of 9e-8; 1.9e-7 evaluated in float), scaled by 2^k. On AVX-512 that is 8-9 instructions
+// (vreduceps or vrndscaleps, vscalefps: exact scaling down to the subnormals and 0) against the 12 of exp_f32, and the
 // exp is most of the scan's work: N per channel and token. The clamp keeps f finite for t = -inf.
 constexpr double kLog2e = 1.4426950408889634;
 template <typename V>
@@ -222,7 +222,14 @@ inline V exp2_reduced(V f) {
   p = p * f + 6.931470036506653e-1f;
   return p * f + 1.0f;
 }
-#if defined(__AVX512F__)
+#if defined(__AVX512DQ__)
+// vreduceps gives f = t - round(t) in one instruction (0 for t = +-inf, so k = t - f = +-inf scales to 0 or
+// inf and no clamp is needed); 8 instructions.
+inline VF exp2_decay(VF t) {
+  const __m512 f = _mm512_reduce_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return (VF)_mm512_scalef_ps((__m512)exp2_reduced((VF)f), _mm512_sub_ps((__m512)t, f));
+}
+#elif defined(__AVX512F__)
 inline VF exp2_decay(VF t) {
   const __m512 tc = _mm512_max_ps(_mm512_set1_ps(-200.0f), (__m512)t);
   const __m512 k = _mm512_roundscale_ps(tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
