@@ -7,7 +7,8 @@ the projections produce and consume:
 
 - float32 CPU inference runs a loop of the C++ library (:mod:`.cpu`) that reads x in place and writes the
   token-major result directly (PyTorch's depthwise conv1d is slow on CPU and needs two layout copies);
-- everywhere else (GPU, autograd, tracing, export) it is one depthwise convolution with ``2k - 1`` taps
+- CUDA tensors run Triton kernels (:mod:`.triton.conv1d`, forward and backward): one read of x, one write;
+- everywhere else (autograd on CPU, tracing, compile, export) it is one depthwise convolution with ``2k - 1`` taps
   centred on each token: the forward kernel on taps ``0..k-1`` (the token and the k-1 before it), the
   reversed backward kernel on taps ``k-1..2k-2`` (the token and the k-1 after it), zeros elsewhere, two
   output channels per input channel.
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import triton as _triton
 from .cpu import cpu_bidirectional_conv1d
 from .eager import is_eager_cpu_inference
 
@@ -73,6 +75,9 @@ def bidirectional_causal_conv1d(
     else:
         zeros = torch.zeros(channels, dtype=weight.dtype, device=weight.device)
         both_bias = torch.stack([zeros if bias is None else bias, zeros if bias_b is None else bias_b])
+    if x.is_cuda and _triton_runs(x):
+        taps = torch.stack([weight.reshape(channels, k), weight_b.reshape(channels, k)]).transpose(1, 2)
+        return _triton.triton_bidirectional_conv1d(x, taps, both_bias, silu)
     if is_eager_cpu_inference(x, weight, both_bias, weight_b) and x.stride(2) == 1:
         # (2, k, C): tap j of each direction, channels innermost, as the C++ loop reads them.
         taps = torch.stack([weight.reshape(channels, k), weight_b.reshape(channels, k)]).transpose(1, 2)
@@ -80,6 +85,13 @@ def bidirectional_causal_conv1d(
         if out is not None:
             return out
     return _conv_as_one_torch_conv(x, weight, both_bias, weight_b, k, silu)
+
+
+def _triton_runs(x: Tensor) -> bool:
+    """Whether the Triton kernels take a CUDA call: Triton works here, and no compiler or exporter runs."""
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return False
+    return _triton.is_available(x.device)
 
 
 def _conv_as_one_torch_conv(

@@ -9,9 +9,10 @@ tensors under Triton's interpreter when ``TRITON_INTERPRET=1`` is in the environ
 (slow; that is how the tests check them without a GPU).
 
 :func:`triton_multi_direction_scan` runs K scan directions (Vim's forward/backward, VMamba's cross-scan)
-in one launch without materialising the reordered sequences. It, ``triton_scan_forward``,
-``triton_scan_backward`` and ``INTERPRETED`` are attributes of this module that trigger the probe when
-first read (None, None, None and False where Triton is unavailable).
+in one launch without materialising the reordered sequences; :func:`triton_bidirectional_conv1d` is Vim's
+fused two-direction causal conv1d + SiLU. They, ``triton_scan_forward``, ``triton_scan_backward`` and
+``INTERPRETED`` are attributes of this module that trigger the probe when first read (None, or False for
+``INTERPRETED``, where Triton is unavailable).
 """
 
 from __future__ import annotations
@@ -23,10 +24,23 @@ import torch
 
 from ..backends import ScanBackend, register_backend
 
-__all__ = ["INTERPRETED", "is_available", "probe", "triton_multi_direction_scan", "unavailable_reason"]
+__all__ = [
+    "INTERPRETED",
+    "is_available",
+    "probe",
+    "triton_bidirectional_conv1d",
+    "triton_multi_direction_scan",
+    "unavailable_reason",
+]
 
 MIN_TRITON = (3, 1)
-_LAZY_NAMES = ("INTERPRETED", "triton_scan_forward", "triton_scan_backward", "triton_multi_direction_scan")
+_LAZY_NAMES = (
+    "INTERPRETED",
+    "triton_scan_forward",
+    "triton_scan_backward",
+    "triton_multi_direction_scan",
+    "triton_bidirectional_conv1d",
+)
 _PROBE: SimpleNamespace | None = None
 
 
@@ -60,6 +74,7 @@ def probe() -> SimpleNamespace:
             needed = ".".join(map(str, MIN_TRITON))
             raise ImportError(f"triton {version} is installed, these kernels need triton >= {needed}")
         from ._common import INTERPRETED
+        from .conv1d import triton_bidirectional_conv1d
         from .multi_direction import triton_multi_direction_scan, triton_scan_backward, triton_scan_forward
     except Exception as error:  # any failure means: no Triton here
         result.error = error
@@ -68,6 +83,7 @@ def probe() -> SimpleNamespace:
         result.triton_scan_forward = triton_scan_forward
         result.triton_scan_backward = triton_scan_backward
         result.triton_multi_direction_scan = triton_multi_direction_scan
+        result.triton_bidirectional_conv1d = triton_bidirectional_conv1d
     _PROBE = result
     return result
 

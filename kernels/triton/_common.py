@@ -194,6 +194,7 @@ def make_plan(batch: int, total_channels: int, per_group: int, length: int, devi
 # direction codes).
 _ACTIVATION_POINTERS = frozenset(
     ("u_ptr", "delta_ptr", "z_ptr", "out_ptr", "B_ptr", "C_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")
+    + ("x_ptr", "dx_ptr")  # the bidirectional conv1d
 )
 
 

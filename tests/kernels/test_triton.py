@@ -414,6 +414,74 @@ def test_kernels_import_without_triton():
     assert "triton is not importable" in result.stdout
 
 
+# --- the bidirectional causal conv1d (+ SiLU) ---------------------------------------------------------------
+
+
+def _conv_inputs(batch, length, channels, k, dtype, bias=True, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(device)
+
+    x = rnd(batch, length, 2 * channels)[..., :channels].to(dtype)  # a slice, as of in_proj's output
+    w, w_b = rnd(channels, 1, k, scale=0.5), rnd(channels, 1, k, scale=0.5)
+    b, b_b = (rnd(channels), rnd(channels)) if bias else (None, None)
+    return x, w, b, w_b, b_b
+
+
+def check_conv(batch, length, channels, k, dtype, bias, silu, device="cpu"):
+    """Forward and the gradients of x, both weights and both biases against the float64 reference."""
+    from vmamba.kernels import bidirectional_causal_conv1d_reference
+    from vmamba.kernels.triton import triton_bidirectional_conv1d
+
+    x, w, b, w_b, b_b = _conv_inputs(batch, length, channels, k, dtype, bias, device)
+    params = [t for t in (w, b, w_b, b_b) if t is not None]
+    leaves = [x.detach().requires_grad_()] + [p.float().requires_grad_() for p in params]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+
+    def taps_and_bias(w, b, w_b, b_b):
+        taps = torch.stack([w.reshape(channels, k), w_b.reshape(channels, k)]).transpose(1, 2)
+        return taps, None if b is None else torch.stack([b, b_b])
+
+    def unpack(ts):
+        it = iter(ts[1:])
+        w_, b_ = next(it), next(it) if bias else None
+        w_b_, b_b_ = next(it), next(it) if bias else None
+        return w_, b_, w_b_, b_b_
+
+    out = triton_bidirectional_conv1d(leaves[0], *taps_and_bias(*unpack(leaves)), silu)
+    want = bidirectional_causal_conv1d_reference(ref_leaves[0], *unpack(ref_leaves), silu=silu)
+    assert out.shape == (batch, length, 2 * channels) and out.dtype == dtype and out.is_contiguous()
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.double(), want.detach(), rtol=rtol, atol=atol)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves, upstream.to(device, dtype))
+    expected = torch.autograd.grad(want, ref_leaves, upstream.to(device))
+    for name, a, e in zip(("x", "w", "b", "w_b", "b_b") if bias else ("x", "w", "w_b"), got, expected):
+        scale = max(1.0, e.abs().max().item())  # weight gradients sum over batch * L tokens
+        torch.testing.assert_close(a.double() / scale, e / scale, rtol=rtol, atol=atol, msg=name)
+
+
+@interpreter
+@pytest.mark.parametrize(
+    "batch, length, channels, k, bias, silu",
+    [
+        (2, 37, 24, 4, True, True),
+        (1, 3, 130, 4, False, True),
+        (2, 17, 5, 1, True, False),
+        (1, 1, 8, 4, True, True),
+    ],
+)
+def test_bidirectional_conv1d_interpreter(batch, length, channels, k, bias, silu):
+    """Tiles past L and C, L shorter than the kernel, k = 1, no bias, no SiLU."""
+    check_conv(batch, length, channels, k, torch.float32, bias, silu)
+
+
+@interpreter
+def test_bidirectional_conv1d_bfloat16_interpreter():
+    check_conv(2, 40, 24, 4, torch.bfloat16, True, True)
+
+
 def _run_under_interpreter(marks: str) -> None:
     """Run this file's tests selected by ``marks`` in a fresh process with TRITON_INTERPRET=1."""
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
@@ -476,6 +544,23 @@ def test_kernels_compile_for_sm90():
     assert _compile_for_sm90(_bwd_kernel, dict(flags, HAS_D=True, HAS_DLAST=True, LOAD_CARRY=True), "bf16")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter run checks the numbers; this checks compilation")
+@pytest.mark.skipif("nvidia" not in getattr(triton.backends, "backends", {}), reason="no NVIDIA backend")
+def test_conv1d_kernels_compile_for_sm90():
+    from vmamba.kernels.triton.conv1d import (
+        _bidir_conv_bwd_dx_kernel,
+        _bidir_conv_bwd_grad_kernel,
+        _bidir_conv_fwd_kernel,
+    )
+
+    tiles = dict(KW=4, BLOCK_T=16, BLOCK_C=128)
+    flags = dict(tiles, HAS_BIAS=True, SILU=True)
+    assert _compile_for_sm90(_bidir_conv_fwd_kernel, flags, "bf16")
+    assert _compile_for_sm90(_bidir_conv_bwd_grad_kernel, flags, "bf16")
+    assert _compile_for_sm90(_bidir_conv_bwd_dx_kernel, tiles, "bf16")
+
+
 # --- on a GPU --------------------------------------------------------------------------------------------
 
 
@@ -535,3 +620,29 @@ def test_gpu_multi_direction(case):
     assert_close(out, ref_out, torch.float32, "out")
     for name in grads:
         assert_close(grads[name], ref_grads[name], torch.float32, f"d{name}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_bidirectional_conv1d(dtype):
+    check_conv(4, 1025, 384, 4, dtype, True, True, device="cuda")
+    check_conv(2, 197, 40, 4, dtype, False, False, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_conv1d_dispatches_to_triton(monkeypatch):
+    from vmamba.kernels import bidirectional_causal_conv1d
+    from vmamba.kernels import triton as triton_package
+
+    calls = []
+    real = triton_package.probe().triton_bidirectional_conv1d
+    monkeypatch.setattr(
+        triton_package.probe(), "triton_bidirectional_conv1d", lambda *a: calls.append(1) or real(*a)
+    )
+    x, w, b, w_b, b_b = (
+        t if t is None else t.float() for t in _conv_inputs(1, 9, 8, 4, torch.float32, True, "cuda")
+    )
+    bidirectional_causal_conv1d(x, w, b, w_b, b_b, True)
+    assert calls == [1]
