@@ -268,20 +268,21 @@ def cpu_bidirectional_conv1d(x: Tensor, taps: Tensor, bias: Tensor | None, silu:
     taps = taps.to(torch.float32).contiguous()
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     out = torch.empty((batch, length, 2 * channels), dtype=torch.float32)
-    rc = lib.ss_bidir_conv_f32(
-        x.data_ptr(),
-        x.stride(0),
-        x.stride(1),
-        taps.data_ptr(),
-        _ptr(bias),
-        out.data_ptr(),
-        batch,
-        length,
-        channels,
-        taps.shape[1],
-        int(silu),
-        torch.get_num_threads(),
-    )
+    with torch.profiler.record_function("vmamba::cpu_bidirectional_conv1d"):  # named in profiles
+        rc = lib.ss_bidir_conv_f32(
+            x.data_ptr(),
+            x.stride(0),
+            x.stride(1),
+            taps.data_ptr(),
+            _ptr(bias),
+            out.data_ptr(),
+            batch,
+            length,
+            channels,
+            taps.shape[1],
+            int(silu),
+            torch.get_num_threads(),
+        )
     _check(rc, "bidirectional conv1d")
     return out
 
