@@ -11,6 +11,7 @@ from .conv1d import bidirectional_causal_conv1d, bidirectional_causal_conv1d_ref
 from .directions import multi_direction_selective_scan
 from .eager import is_eager_cpu_inference
 from .non_causal_ssd import non_causal_ssd, non_causal_ssd_reference
+from .norm import add_rms_norm, rms_norm
 from .reference import selective_scan_reference
 from .selective_scan import check_scan_inputs, selective_scan
 from .ssd import bidirectional_ssd_scan, multi_direction_ssd_scan, ssd_scan
@@ -24,6 +25,7 @@ __all__ = [
     "VIM_DIRECTIONS",
     "VMAMBA_DIRECTIONS",
     "ScanBackend",
+    "add_rms_norm",
     "available_backends",
     "bidirectional_causal_conv1d",
     "bidirectional_causal_conv1d_reference",
@@ -36,6 +38,7 @@ __all__ = [
     "non_causal_ssd",
     "non_causal_ssd_reference",
     "register_backend",
+    "rms_norm",
     "selective_scan",
     "selective_scan_reference",
     "ssd_scan",

@@ -10,7 +10,7 @@ tensors under Triton's interpreter when ``TRITON_INTERPRET=1`` is in the environ
 
 :func:`triton_multi_direction_scan` runs K scan directions (Vim's forward/backward, VMamba's cross-scan)
 in one launch without materialising the reordered sequences; :func:`triton_bidirectional_conv1d` is Vim's
-fused two-direction causal conv1d + SiLU. They, ``triton_scan_forward``, ``triton_scan_backward`` and
+fused two-direction causal conv1d + SiLU, :func:`triton_add_rms_norm` the residual add fused with RMSNorm. They, ``triton_scan_forward``, ``triton_scan_backward`` and
 ``INTERPRETED`` are attributes of this module that trigger the probe when first read (None, or False for
 ``INTERPRETED``, where Triton is unavailable).
 """
@@ -28,6 +28,7 @@ __all__ = [
     "INTERPRETED",
     "is_available",
     "probe",
+    "triton_add_rms_norm",
     "triton_bidirectional_conv1d",
     "triton_multi_direction_scan",
     "unavailable_reason",
@@ -40,6 +41,7 @@ _LAZY_NAMES = (
     "triton_scan_backward",
     "triton_multi_direction_scan",
     "triton_bidirectional_conv1d",
+    "triton_add_rms_norm",
 )
 _PROBE: SimpleNamespace | None = None
 
@@ -76,6 +78,7 @@ def probe() -> SimpleNamespace:
         from ._common import INTERPRETED
         from .conv1d import triton_bidirectional_conv1d
         from .multi_direction import triton_multi_direction_scan, triton_scan_backward, triton_scan_forward
+        from .rms_norm import triton_add_rms_norm
     except Exception as error:  # any failure means: no Triton here
         result.error = error
     else:
@@ -84,6 +87,7 @@ def probe() -> SimpleNamespace:
         result.triton_scan_backward = triton_scan_backward
         result.triton_multi_direction_scan = triton_multi_direction_scan
         result.triton_bidirectional_conv1d = triton_bidirectional_conv1d
+        result.triton_add_rms_norm = triton_add_rms_norm
     _PROBE = result
     return result
 

@@ -482,6 +482,59 @@ def test_bidirectional_conv1d_bfloat16_interpreter():
     check_conv(2, 40, 24, 4, torch.bfloat16, True, True)
 
 
+# --- the residual add fused with RMSNorm ---------------------------------------------------------------------
+
+
+def check_add_rms_norm(rows, n, dtype, residual=True, device="cpu"):
+    """Both outputs and the gradients of x, the residual and the weight against float64 PyTorch ops."""
+    from vmamba.kernels.triton import triton_add_rms_norm
+
+    g = torch.Generator().manual_seed(rows + n)
+    x = torch.randn(2, rows, n, generator=g, dtype=torch.float64)
+    res = torch.randn(2, rows, n, generator=g, dtype=torch.float64) if residual else None
+    w = 1 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    leaves = [
+        x.to(device, dtype),
+        None if res is None else res.to(device, torch.float32),
+        w.float().to(device),
+    ]
+    leaves = [t if t is None else t.requires_grad_() for t in leaves]
+    refs = [t if t is None else t.detach().double().requires_grad_() for t in leaves]
+    normed, total = triton_add_rms_norm(leaves[0], leaves[1], leaves[2], 1e-5)
+    ref_total = refs[0] if refs[1] is None else refs[1] + refs[0]
+    ref_normed = ref_total * torch.rsqrt(ref_total.square().mean(-1, keepdim=True) + 1e-5) * refs[2]
+    out_dtype = dtype if res is None else torch.float32
+    assert normed.dtype == out_dtype and total.dtype == out_dtype and normed.shape == x.shape
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(normed.double(), ref_normed.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(total.double(), ref_total.detach(), rtol=rtol, atol=atol)
+    up = [torch.randn(x.shape, generator=g, dtype=torch.float64) for _ in range(2)]
+    outputs, ref_outputs = (normed, total), (ref_normed, ref_total)
+    if res is None:  # the "sum" is x itself
+        outputs, ref_outputs, up = outputs[:1], ref_outputs[:1], up[:1]
+    got = torch.autograd.grad(
+        outputs, [t for t in leaves if t is not None], [u.to(device, o.dtype) for u, o in zip(up, outputs)]
+    )
+    want = torch.autograd.grad(ref_outputs, [t for t in refs if t is not None], [u.to(device) for u in up])
+    for a, e in zip(got, want):
+        scale = max(1.0, e.abs().max().item())
+        torch.testing.assert_close(a.double() / scale, e / scale, rtol=rtol, atol=atol)
+
+
+@interpreter
+@pytest.mark.parametrize(
+    "rows, n, residual", [(37, 192, True), (5, 100, False), (1, 1, True), (20, 33, True)]
+)
+def test_add_rms_norm_interpreter(rows, n, residual):
+    """More rows than a backward program takes, a width that is not a power of 2, no residual, n = 1."""
+    check_add_rms_norm(rows, n, torch.float32, residual)
+
+
+@interpreter
+def test_add_rms_norm_bfloat16_input_interpreter():
+    check_add_rms_norm(9, 64, torch.bfloat16)
+
+
 def _run_under_interpreter(marks: str) -> None:
     """Run this file's tests selected by ``marks`` in a fresh process with TRITON_INTERPRET=1."""
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
@@ -559,6 +612,16 @@ def test_conv1d_kernels_compile_for_sm90():
     assert _compile_for_sm90(_bidir_conv_fwd_kernel, flags, "bf16")
     assert _compile_for_sm90(_bidir_conv_bwd_grad_kernel, flags, "bf16")
     assert _compile_for_sm90(_bidir_conv_bwd_dx_kernel, tiles, "bf16")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter run checks the numbers; this checks compilation")
+@pytest.mark.skipif("nvidia" not in getattr(triton.backends, "backends", {}), reason="no NVIDIA backend")
+def test_add_rms_norm_kernels_compile_for_sm90():
+    from vmamba.kernels.triton.rms_norm import _add_rms_norm_bwd_kernel, _add_rms_norm_fwd_kernel
+
+    assert _compile_for_sm90(_add_rms_norm_fwd_kernel, dict(HAS_RES=True, BLOCK_N=256), "fp32")
+    assert _compile_for_sm90(_add_rms_norm_bwd_kernel, dict(HAS_DSUM=True, ROWS=16, BLOCK_N=256), "fp32")
 
 
 # --- on a GPU --------------------------------------------------------------------------------------------
@@ -646,3 +709,11 @@ def test_gpu_conv1d_dispatches_to_triton(monkeypatch):
     )
     bidirectional_causal_conv1d(x, w, b, w_b, b_b, True)
     assert calls == [1]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_add_rms_norm():
+    check_add_rms_norm(4 * 197, 192, torch.float32, device="cuda")
+    check_add_rms_norm(1025, 384, torch.bfloat16, device="cuda")
+    check_add_rms_norm(50, 192, torch.float32, residual=False, device="cuda")

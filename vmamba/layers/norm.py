@@ -3,25 +3,9 @@
 import torch
 from torch import Tensor, nn
 
+from vmamba.kernels import add_rms_norm, rms_norm
+
 __all__ = ["RMSNorm", "add_rms_norm", "rms_norm"]
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """``x / sqrt(mean(x**2, -1) + eps) * weight``, computed in (at least) float32, returned in x's dtype."""
-    math_dtype = torch.promote_types(x.dtype, torch.float32)
-    xf = x.to(math_dtype)
-    # Written out rather than F.rms_norm: torch 2.5's export specialises the batch size inside F.rms_norm.
-    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.to(math_dtype)).to(x.dtype)
-
-
-def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """The residual add fused with the norm that follows it (mamba_ssm's ``fused_add_norm``).
-
-    Returns ``(rms_norm(residual + x), residual + x)``: the sum is formed in the residual's dtype (float32
-    for Vim's residual stream) and normalised in float32; the norm comes back in the residual's dtype.
-    """
-    total = residual + x.to(residual.dtype)
-    return rms_norm(total, weight, eps), total
 
 
 class RMSNorm(nn.Module):

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from vmamba.kernels import bidirectional_causal_conv1d
 from vmamba.layers.mamba_mixer import BiMambaMixer, bidirectional_scan
-from vmamba.layers.norm import RMSNorm, rms_norm
+from vmamba.layers.norm import RMSNorm, add_rms_norm, rms_norm
 from vmamba.layers.patch_embed import PatchEmbed
 
 from ._helpers import check_state_dict_fits, resolve_pretrained_file, select_state_dict
@@ -66,6 +66,7 @@ register_notrace_function(bidirectional_causal_conv1d)
 register_notrace_function(bidirectional_scan)
 # Leaves too: they read dtype/device attributes, which torch.fx before 2.6 cannot pass on as arguments.
 register_notrace_function(rms_norm)
+register_notrace_function(add_rms_norm)  # picks a kernel at run time
 
 
 @register_notrace_function  # reads x.dtype: a leaf for torch.fx (torch < 2.6 cannot trace dtype arithmetic)
@@ -162,6 +163,13 @@ class VimBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.drop_path(self.mixer(self.norm(x)))
+
+    def forward_fused(self, hidden: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """The official "add -> norm -> mixer" form: (mixer output of the block before, residual stream
+        before that add) -> the same pair after this block. ``residual + hidden`` is then this block's
+        ``forward`` output; the add runs fused with this block's norm (:func:`vmamba.kernels.add_rms_norm`)."""
+        normed, residual = self.norm.forward_add(hidden, residual)
+        return self.drop_path(self.mixer(normed)), residual
 
 
 class Vim(nn.Module):
@@ -364,8 +372,19 @@ class Vim(nn.Module):
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
-            x = self.blocks(x)
+            x = self._run_blocks(x)
         return self.norm(x)
+
+    def _run_blocks(self, x: Tensor) -> Tensor:
+        """``self.blocks(x)`` with each block's residual add fused into the next block's norm."""
+        hidden: Tensor | None = None
+        residual = x
+        for block in self.blocks:
+            if hidden is None:
+                hidden = block.drop_path(block.mixer(block.norm(x)))
+            else:
+                hidden, residual = block.forward_fused(hidden, residual)
+        return x if hidden is None else residual + hidden
 
     def _split_tokens(self, x: Tensor) -> tuple[Tensor | None, Tensor]:
         """(B, L, D) tokens -> (class token (B, 1, D) or None, patch tokens (B, M, D))."""
