@@ -203,7 +203,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suffix in ("f32", "f64"):
         forward = getattr(lib, f"ss_forward_{suffix}")
-        forward.argtypes = [p] * 9 + [i64] + [p] * 4 + [i32, i32, ctypes.c_double, i32]
+        forward.argtypes = [p] * 9 + [i64, i64] + [p] * 4 + [i32, i32, ctypes.c_double, i32]
         forward.restype = i32
         backward = getattr(lib, f"ss_backward_{suffix}")
         backward.argtypes = [p] * 18 + [i64] * 6 + [i32, i32]
@@ -358,6 +358,7 @@ def cpu_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tup
         *(_ptr(t) for t in (uf, df, Af, Bf, Cf, Df, zf, bf)),
         None,  # no low-rank step input
         0,
+        0,  # steps in token order
         out.data_ptr(),
         last.data_ptr(),
         _int64s([batch, dim, length, dstate, groups]),
@@ -424,16 +425,21 @@ def cpu_scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_so
 
 
 # The directions the fused multi-direction forward reads in place, and whether each runs back to front.
-_REVERSED = {"row": False, "row_reversed": True}
+_REVERSED = {"row": False, "row_reversed": True, "col": False, "col_reversed": True}
+_COLUMN = frozenset({"col", "col_reversed"})
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _fusable(u, delta, A, B, C, D, z, delta_bias, directions, merge, delta_proj_weight) -> bool:
+def _fusable(u, delta, A, B, C, D, z, delta_bias, directions, merge, delta_proj_weight, grid_size) -> bool:
     """Whether the fused inference forward takes this call (else the generic path runs, and checks it)."""
     tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj_weight) if t is not None]
     if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
         return False
     if not directions or any(d not in _REVERSED for d in directions) or merge not in MERGES:
+        return False
+    if any(d in _COLUMN for d in directions) and (
+        grid_size is None or grid_size[0] * grid_size[1] != delta.shape[-1]
+    ):
         return False
     if any(t.dtype not in _KERNEL_DTYPES or t.device.type != "cpu" for t in tensors):
         return False
@@ -496,21 +502,22 @@ def cpu_multi_direction_scan(
     merge: str = "sum",
     delta_proj_weight: Tensor | None = None,
 ) -> Tensor:
-    """The ``multi_direction`` hook: Vim's 1-D directions for inference, scanned in place and merged.
+    """The ``multi_direction`` hook: the row and column directions for inference, scanned in place and merged.
 
     Semantics of ``multi_direction_selective_scan`` (canonical ``directions``). When no gradient is needed
-    and every direction is ``"row"`` or ``"row_reversed"``, each direction is one call of the C++ forward
+    (Vim's ``"row"`` / ``"row_reversed"``, VMamba's four), each direction is one call of the C++ forward
     on views of its block of the inputs: a reversed direction is passed as views that start at the last
     token with negated token strides, so it reads u, delta, z, B, C and writes its output back to front
-    without reversed copies. The first direction writes the output, later ones add into it (the last one
+    without reversed copies, and a column direction walks the (H, W) grid column by column inside the
+    kernel (reversed: the same walk over the negated strides). The first direction writes the output, later ones add into it (the last one
     scaling by 1/K for ``merge="mean"``); ``merge="none"`` writes each direction into its own slot. The
     output is token-major when delta is (channels contiguous), like the inputs of Vim's mixer. With
     ``delta_proj_weight`` the kernel computes each step from the low-rank input (dt_proj fused in).
 
-    Returns NotImplemented otherwise (gradients needed, column directions, other dtypes, empty or
+    Returns NotImplemented otherwise (gradients needed, a column direction without a matching grid_size, other dtypes, empty or
     inconsistent inputs): the caller then runs its generic path, which does the checks.
     """
-    if not _fusable(u, delta, A, B, C, D, z, delta_bias, directions, merge, delta_proj_weight):
+    if not _fusable(u, delta, A, B, C, D, z, delta_bias, directions, merge, delta_proj_weight, grid_size):
         return NotImplemented
     k = len(directions)
     batch, steps, length = delta.shape
@@ -553,6 +560,7 @@ def cpu_multi_direction_scan(
                 _ptr(bi),
                 _ptr(Wi),
                 0 if Wi is None else Wi.shape[1],
+                grid_size[0] if name in _COLUMN else 0,
                 _start(oi, rev),
                 last.data_ptr(),
                 sizes,

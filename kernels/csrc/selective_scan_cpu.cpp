@@ -255,6 +255,9 @@ struct Fwd {
   // sdelta) and the step of channel d is sum_r dt_weight[d, r] delta[b, r, t]: dt_proj fused into the scan.
   const T* dt_weight;
   int64_t rank;
+  // > 0: step p visits token (p % col_h) * (L / col_h) + p / col_h, a column-major walk of the row-major
+  // (col_h, L / col_h) grid (VMamba's column directions; with negated token strides, its reverse).
+  int64_t col_h;
   int64_t su[3], sdelta[3], sz[3], sout[3], sB[4], sC[4], sA[2];
   bool softplus;
   bool accumulate;  // out = (out + y) * scale instead of out = y * scale (merging directions)
@@ -429,6 +432,34 @@ inline void store_tile(V* __restrict__ buf, int lanes, int64_t nt, T* p, int64_t
   }
 }
 
+// load_tile / store_tile for steps that visit tokens tok[0..nt) (a column-major walk): p is the view at
+// token 0, sl its token stride.
+template <typename T, typename V>
+inline void gather_tile(const T* p, int64_t sd, int64_t sl, int lanes, int64_t nt, const int64_t* tok,
+                        V* __restrict__ buf) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  if (sd == 1 && lanes == W) {
+    for (int64_t t = 0; t < nt; ++t) std::memcpy(&buf[t], p + tok[t] * sl, sizeof(V));
+    return;
+  }
+  if (lanes < W)
+    for (int64_t t = 0; t < nt; ++t) buf[t] = V{};
+  for (int c = 0; c < lanes; ++c)
+    for (int64_t t = 0; t < nt; ++t) buf[t][c] = p[c * sd + tok[t] * sl];
+}
+
+template <typename T, typename V>
+inline void scatter_tile(const V* __restrict__ buf, int lanes, int64_t nt, const int64_t* tok, T* p, int64_t sd,
+                         int64_t sl) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  if (sd == 1 && lanes == W) {
+    for (int64_t t = 0; t < nt; ++t) std::memcpy(p + tok[t] * sl, &buf[t], sizeof(V));
+    return;
+  }
+  for (int c = 0; c < lanes; ++c)
+    for (int64_t t = 0; t < nt; ++t) p[c * sd + tok[t] * sl] = buf[t][c];
+}
+
 // The forward of blocks [blk0, blk1) of group g, batch b; a block is `W` adjacent channels (the group's
 // last one may be partial), one per SIMD lane. The loop runs over chunks of kChunk steps, and inside a
 // chunk over the blocks, so a token-major input is read row by row (the pages of a chunk's rows stay in
@@ -472,8 +503,19 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
   const T* Cg = s.C + b * s.sC[0] + g * s.sC[1];
   const int64_t sBn = s.sB[2], sBl = s.sB[3], sCn = s.sC[2], sCl = s.sC[3];
 
+  const bool col = s.col_h > 0;
+  int64_t tok[kChunk];  // the token each step of the chunk visits
   for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
     const int64_t nt = L - t0 < kChunk ? L - t0 : kChunk;
+    for (int64_t t = 0; t < nt; ++t)
+      tok[t] = col ? ((t0 + t) % s.col_h) * (L / s.col_h) + (t0 + t) / s.col_h : t0 + t;
+    // Loads a (steps x lanes) tile of a (batch, dim, L) view at channel d of batch b.
+    const auto tile_in = [&](const T* base, const int64_t* st, int64_t d, int lanes, V* buf) {
+      if (col)
+        gather_tile(base + b * st[0] + d * st[1], st[1], st[2], lanes, nt, tok, buf);
+      else
+        load_tile(base + b * st[0] + d * st[1] + t0 * st[2], st[1], st[2], lanes, nt, buf);
+    };
     for (int64_t k = 0; k < nblk; ++k) {
       const int64_t d0 = first_channel(k);
       const int lanes = lanes_of(k);
@@ -482,23 +524,22 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
       const V Dv = hs[N], bias = hs[N + 1];
       if (R > 0) {  // dt[t] = sum_r w[r] x[r, t]: the rank values of a step are read as broadcasts
         const V* __restrict__ wr = ws + k * per_block + 2 * N + 2;
-        const T* x = s.delta + b * s.sdelta[0] + t0 * s.sdelta[2];
+        const T* x = s.delta + b * s.sdelta[0];
         for (int64_t t = 0; t < nt; ++t) {
-          const T* xt = x + t * s.sdelta[2];
+          const T* xt = x + tok[t] * s.sdelta[2];
           V acc = wr[0] * xt[0];
           for (int64_t r = 1; r < R; ++r) acc += wr[r] * xt[r * s.sdelta[1]];
           dt[t] = acc;
         }
       } else {
-        load_tile(s.delta + b * s.sdelta[0] + d0 * s.sdelta[1] + t0 * s.sdelta[2], s.sdelta[1], s.sdelta[2],
-                  lanes, nt, dt);
+        tile_in(s.delta, s.sdelta, d0, lanes, dt);
       }
-      load_tile(s.u + b * s.su[0] + d0 * s.su[1] + t0 * s.su[2], s.su[1], s.su[2], lanes, nt, uu);
+      tile_in(s.u, s.su, d0, lanes, uu);
       {  // the next block's (or the next chunk's first block's) tiles load while this one computes
         const bool last_blk = k + 1 == nblk;
         const int64_t t1 = last_blk ? t0 + kChunk : t0, k1 = last_blk ? 0 : k + 1;
         const int64_t d1 = first_channel(k1), nt1 = L - t1 < kChunk ? L - t1 : kChunk;
-        if (nt1 > 0) {
+        if (nt1 > 0 && !col) {
           if (R == 0)
             prefetch_tile(s.delta + b * s.sdelta[0] + d1 * s.sdelta[1] + t1 * s.sdelta[2], s.sdelta[1],
                         s.sdelta[2], lanes_of(k1), nt1);
@@ -508,7 +549,7 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
                           nt1);
         }
       }
-      if (s.z) load_tile(s.z + b * s.sz[0] + d0 * s.sz[1] + t0 * s.sz[2], s.sz[1], s.sz[2], lanes, nt, zz);
+      if (s.z) tile_in(s.z, s.sz, d0, lanes, zz);
       if (NS == 16) {
         // Step sizes first, then two passes over the chunk with 8 states each, so that the 8 state and
         // 8 A vectors stay in registers (measured 10-13% faster than one pass over 16 states).
@@ -526,8 +567,8 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
             a[n] = A[n0 + n];
           }
           for (int64_t t = 0; t < nt; ++t) {
-            const T* Bt = Bg + (t0 + t) * sBl + n0 * sBn;
-            const T* Ct = Cg + (t0 + t) * sCl + n0 * sCn;
+            const T* Bt = Bg + tok[t] * sBl + n0 * sBn;
+            const T* Ct = Cg + tok[t] * sCl + n0 * sCn;
             const V dtt = dt[t], dtut = dtu[t];
             V acc = y[t];
 #pragma GCC unroll 8
@@ -548,8 +589,8 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
           for (int64_t n = 0; n < N; ++n) h[n] = hs[n];
         // Other N: one pass per step (step size, N state updates and readouts, D skip, gate).
         for (int64_t t = 0; t < nt; ++t) {
-          const T* Bt = Bg + (t0 + t) * sBl;
-          const T* Ct = Cg + (t0 + t) * sCl;
+          const T* Bt = Bg + tok[t] * sBl;
+          const T* Ct = Cg + tok[t] * sCl;
           const V dtt = s.softplus ? softplus(dt[t] + bias) : dt[t] + bias;
           const V dtut = dtt * uu[t];
           V acc = Dv * uu[t];
@@ -564,14 +605,17 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
         if (NS > 0)
           for (int64_t n = 0; n < N; ++n) hs[n] = h[n];
       }
-      T* const out = s.out + b * s.sout[0] + d0 * s.sout[1] + t0 * s.sout[2];
       if (s.accumulate) {  // the u tile is free by now: it takes what earlier calls wrote
-        load_tile(out, s.sout[1], s.sout[2], lanes, nt, uu);
+        tile_in(s.out, s.sout, d0, lanes, uu);
         for (int64_t t = 0; t < nt; ++t) y[t] += uu[t];
       }
       if (s.scale != T(1))
         for (int64_t t = 0; t < nt; ++t) y[t] *= s.scale;
-      store_tile(y, lanes, nt, out, s.sout[1], s.sout[2]);
+      T* const out = s.out + b * s.sout[0] + d0 * s.sout[1];
+      if (col)
+        scatter_tile(y, lanes, nt, tok, out, s.sout[1], s.sout[2]);
+      else
+        store_tile(y, lanes, nt, out + t0 * s.sout[2], s.sout[1], s.sout[2]);
     }
   }
   for (int64_t k = 0; k < nblk; ++k) {
@@ -871,12 +915,12 @@ bool valid(int64_t batch, int64_t dim, int64_t len, int64_t nstate, int64_t grou
 #define SS_DEFINE(suffix, T)                                                                              \
   SS_EXPORT int ss_forward_##suffix(const T* u, const T* delta, const T* A, const T* B, const T* C,        \
                                     const T* D, const T* z, const T* bias, const T* dt_weight,            \
-                                    int64_t rank, T* out, T* last, const int64_t* sizes,                  \
+                                    int64_t rank, int64_t col_h, T* out, T* last, const int64_t* sizes,   \
                                     const int64_t* strides, int softplus, int accumulate, double scale,   \
                                     int nthreads) {                                                       \
     Fwd<T> s{u,        delta,    A,        B,        C,        D,         z,    bias, out,                 \
-             last,     sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], dt_weight, rank};                 \
-    if (dt_weight && rank < 1) return -2;                                                                 \
+             last,     sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], dt_weight, rank, col_h};          \
+    if ((dt_weight && rank < 1) || col_h < 0 || (col_h > 0 && s.len % col_h)) return -2;                  \
     int64_t* const views[] = {s.su, s.sdelta, s.sz, s.sout, s.sB, s.sC, s.sA};                            \
     const int ranks[] = {3, 3, 3, 3, 4, 4, 2};                                                            \
     for (int v = 0, k = 0; v < 7; ++v)                                                                    \

@@ -358,7 +358,7 @@ def multi_direction_inputs(batch, channels, length, dstate, groups, k=2, shared=
 
 def fused(inputs, directions, merge, **kwargs):
     """The hook called directly (canonical names), so a test fails if it silently declines the call."""
-    names = canonical_directions(directions)
+    names = canonical_directions(directions, kwargs.get("grid_size"))
     out = cpu_backend.cpu_multi_direction_scan(
         **inputs, delta_softplus=True, directions=names, merge=merge, **kwargs
     )
@@ -418,14 +418,14 @@ def test_multi_direction_hook_low_precision(chunk, dtype):
 
 
 def test_multi_direction_hook_declines_and_generic_path_runs(chunk):
-    # Gradients needed, column directions: the hook declines and the generic path gives the same results
+    # Gradients needed, a grid that does not fit: the hook declines and the generic path gives the same results
     # and gradients as the reference backend.
     inputs = multi_direction_inputs(2, 4, 12, 3, 1, shared=False)
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     names = ("row", "row_reversed")
     out = cpu_backend.cpu_multi_direction_scan(**leaves, directions=names, merge="sum")
     assert out is NotImplemented
-    grid = {"directions": ("row", "col"), "grid_size": (3, 4), "merge": "sum"}
+    grid = {"directions": ("row", "col"), "grid_size": (3, 5), "merge": "sum"}  # 15 != L = 12
     assert cpu_backend.cpu_multi_direction_scan(**inputs, **grid) is NotImplemented
     for directions, grid_size in ((("forward", "backward"), None), (("row", "col_reversed"), (3, 4))):
         grads = []
@@ -491,3 +491,24 @@ def test_multi_direction_hook_low_rank_steps(chunk, dstate, token_major, rank):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(public, got, rtol=0, atol=0)
     torch.testing.assert_close(low.double(), want, rtol=6e-4, atol=2e-3)
+
+
+# VMamba's four directions over (H, W) grids: odd sides, a grid longer than a chunk, N = 1 and 16.
+GRID_CASES = [((3, 5), 1, True), ((7, 11), 16, False), ((9, 10), 1, False), ((1, 6), 4, True)]
+
+
+@pytest.mark.parametrize("merge", ["sum", "none"])
+@pytest.mark.parametrize("case", GRID_CASES, ids=lambda c: "{}x{}-N{}-tm{:d}".format(*c[0], c[1], c[2]))
+def test_multi_direction_hook_grid_directions(chunk, case, merge):
+    """Column walks (and their reverses) read in place: the same as the reference's reordered scans."""
+    (height, width), dstate, token_major = case
+    directions = ("row", "col", "row_reversed", "col_reversed")
+    inputs = multi_direction_inputs(2, 20, height * width, dstate, 1, k=4, token_major=token_major)
+    inputs.pop("z")
+    grid = {"grid_size": (height, width)}
+    want = multi_direction_selective_scan(
+        **inputs, delta_softplus=True, directions=directions, merge=merge, backend="reference", **grid
+    )
+    with torch.no_grad():
+        got = fused(inputs, directions, merge, **grid)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)

@@ -30,7 +30,6 @@ from timm.layers import LayerNorm2d, trunc_normal_
 from torch import Tensor, nn
 
 from vmamba.kernels import VMAMBA_DIRECTIONS, multi_direction_selective_scan
-from vmamba.kernels.projections import block_diagonal
 
 from .ssm_init import init_a_log_, init_dt_bias_, init_dt_weight_
 
@@ -50,6 +49,7 @@ def cross_scan(
     C: Tensor,
     D: Tensor,
     delta_bias: Tensor,
+    delta_proj_weight: Tensor,
     height: int,
     width: int,
     backend: str,
@@ -57,7 +57,8 @@ def cross_scan(
     """VMamba's four directions over an (height, width) grid as one scan, summed back onto the grid.
 
     The mixer's only kernel call, a plain function with positional arguments so that TorchScript can leave
-    it to Python.
+    it to Python. ``delta`` is the low-rank step input of the four directions, projected by
+    ``delta_proj_weight`` in the scan.
     """
     return multi_direction_selective_scan(
         u,
@@ -73,6 +74,7 @@ def cross_scan(
         grid_size=(height, width),
         merge="sum",
         backend=backend,
+        delta_proj_weight=delta_proj_weight,
     )
 
 
@@ -176,16 +178,17 @@ class SS2D(nn.Module):
         xs = h.permute(0, 2, 3, 1).reshape(batch, length, d)  # token-major (a view when channels-last)
         # Per-position projections, all directions at once: (B, L, K, R + 2N).
         x_dbl = F.linear(xs, self.x_proj_weight.flatten(0, 1)).view(batch, length, k, r + 2 * n)
-        # Direction k's rank-R steps through dt_projs_weight[k], one block-diagonal GEMM: (B, L, K*d).
-        delta = F.linear(x_dbl[..., :r].reshape(batch, length, k * r), block_diagonal(self.dt_projs_weight))
+        # Direction k's rank-R step inputs, (B, L, K*R) (small); dt_projs_weight[k] is applied in the scan.
+        dts = x_dbl[..., :r].reshape(batch, length, k * r)
         y = cross_scan(
             xs.transpose(1, 2),
-            delta.transpose(1, 2),
+            dts.transpose(1, 2),
             -torch.exp(self.A_logs.float()),
             x_dbl[..., r : r + n].permute(0, 2, 3, 1),  # B: (B, K, N, L)
             x_dbl[..., r + n :].permute(0, 2, 3, 1),  # C
             self.Ds.float(),
             self.dt_projs_bias.flatten().float(),
+            self.dt_projs_weight.flatten(0, 1),
             height,
             width,
             self.scan_backend,

@@ -35,7 +35,6 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from vmamba.kernels.projections import block_diagonal
 from vmamba.layers.ss2d import SS2D, cross_scan, layer_norm_2d
 from vmamba.models._helpers import fit_hierarchical_state_dict, resolve_pretrained_file, select_state_dict
 
@@ -45,8 +44,6 @@ _logger = logging.getLogger(__name__)
 
 # A torch.fx leaf: the mixer's scan checks its sizes and picks a backend at run time, so it stays one call.
 register_notrace_function(cross_scan)
-# A leaf too: it reads dtype/device attributes, which torch.fx before 2.6 cannot pass on as arguments.
-register_notrace_function(block_diagonal)
 
 
 class Stem(nn.Module):
