@@ -25,6 +25,7 @@ import logging
 import re
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Attention, ClassifierHead, DropPath, Mlp, trunc_normal_
 from timm.models import (
     build_model_with_cfg,
@@ -105,7 +106,13 @@ class Downsample(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # The 1x1 convolutions run as GEMMs on the NHWC map (PyTorch's CPU convolution takes a slow
+        # im2col path for a 1x1 with bias on a channels-last input); the depthwise one on its NCHW view.
+        expand, depthwise, project = self.conv[0], self.conv[1], self.conv[2]
+        x = expand.act(F.linear(x, expand.conv.weight.flatten(1), expand.conv.bias))
+        x = depthwise(x.permute(0, 3, 1, 2))
+        x = F.linear(x.permute(0, 2, 3, 1), project.conv.weight.flatten(1), project.conv.bias)
+        return project.act(project.norm(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
 
 
 class Attention2d(Attention):
