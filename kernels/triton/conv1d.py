@@ -29,6 +29,16 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _tile(C, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's batch, token-block index, tokens, channels and channel mask (grid: tokens, channels,
+    batch)."""
+    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return b, pid_t, t, c, c < C
+
+
+@triton.jit
 def _shifted(x_ptr, t, c, cmask, L, sxl, shift):
     """x[t + shift, c] for a tile of tokens t and channels c, in float32 (0 outside [0, L))."""
     s = t + shift
@@ -71,10 +81,7 @@ def _bidir_conv_fwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    b, pid_t, t, c, cmask = _tile(C, BLOCK_T, BLOCK_C)
     x_ptr += b.to(tl.int64) * sxb
     acc_f, acc_b = _pre_activations(
         x_ptr, w_ptr, b_ptr, t, c, cmask, L, C, sxl, KW, HAS_BIAS, BLOCK_T, BLOCK_C
@@ -110,10 +117,7 @@ def _bidir_conv_bwd_grad_kernel(
 ):
     """g = dout * act'(pre-activation), stored (batch, L, 2C) in float32, and this tile's sums for the
     weight and bias gradients: dw_part[tile, d, j, c] = sum_t g_d[t, c] x[t + shift_d(j), c]."""
-    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    b, pid_t, t, c, cmask = _tile(C, BLOCK_T, BLOCK_C)
     tmask = t < L
     mask = tmask[:, None] & cmask[None, :]
     x_ptr += b.to(tl.int64) * sxb
@@ -155,10 +159,7 @@ def _bidir_conv_bwd_dx_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """dx[s, c] = sum_j taps[0, j, c] g_f[s + (k-1) - j, c] + taps[1, j, c] g_b[s - (k-1) + j, c]."""
-    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    s = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    b, _, s, c, cmask = _tile(C, BLOCK_T, BLOCK_C)
     g_ptr += b.to(tl.int64) * L * 2 * C
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     for j in tl.static_range(KW):
