@@ -16,11 +16,11 @@ __all__ = ["is_eager_cpu_inference"]
 def is_eager_cpu_inference(*tensors: Tensor | None, dtype: torch.dtype = torch.float32) -> bool:
     """True when every given tensor is a CPU tensor of ``dtype``, no autograd graph is being recorded for
     any of them, and no tracer (TorchScript, FX), ``torch.compile`` or exporter is running."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
-        return False
     present = [t for t in tensors if t is not None]
     if not all(isinstance(t, Tensor) for t in present):  # e.g. FX proxies
         return False
     if any(t.device.type != "cpu" or t.dtype != dtype for t in present):
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
