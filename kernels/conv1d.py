@@ -5,10 +5,11 @@ reversed sequence with the backward kernel. In storage order the second is an *a
 with the kernel reversed. :func:`bidirectional_causal_conv1d` is both in one call, in the token-major layout
 the projections produce and consume:
 
-- float32 CPU inference runs a loop of the C++ library (:mod:`.cpu`) that reads x in place and writes the
-  token-major result directly (PyTorch's depthwise conv1d is slow on CPU and needs two layout copies);
+- float32 CPU tensors run loops of the C++ library (:mod:`.cpu`), forward and backward: they read x in
+  place and write the token-major result directly (PyTorch's depthwise conv1d is slow on CPU, forward and
+  backward, and needs two layout copies);
 - CUDA tensors run Triton kernels (:mod:`.triton.conv1d`, forward and backward): one read of x, one write;
-- everywhere else (autograd on CPU, tracing, compile, export) it is one depthwise convolution with ``2k - 1`` taps
+- everywhere else (other dtypes, tracing, compile, export) it is one depthwise convolution with ``2k - 1`` taps
   centred on each token: the forward kernel on taps ``0..k-1`` (the token and the k-1 before it), the
   reversed backward kernel on taps ``k-1..2k-2`` (the token and the k-1 after it), zeros elsewhere, two
   output channels per input channel.
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import triton as _triton
-from .cpu import cpu_bidirectional_conv1d
-from .eager import is_eager_cpu_inference
+from .cpu import cpu_bidirectional_conv1d, cpu_bidirectional_conv1d_backward, cpu_library_available
+from .eager import is_eager_cpu
 
 __all__ = ["bidirectional_causal_conv1d", "bidirectional_causal_conv1d_reference"]
 
@@ -78,13 +79,27 @@ def bidirectional_causal_conv1d(
     if x.is_cuda and _triton_runs(x):
         taps = torch.stack([weight.reshape(channels, k), weight_b.reshape(channels, k)]).transpose(1, 2)
         return _triton.triton_bidirectional_conv1d(x, taps, both_bias, silu)
-    if is_eager_cpu_inference(x, weight, both_bias, weight_b) and x.stride(2) == 1:
-        # (2, k, C): tap j of each direction, channels innermost, as the C++ loop reads them.
+    if is_eager_cpu(x, weight, both_bias, weight_b) and x.stride(2) == 1 and cpu_library_available():
+        # (2, k, C): tap j of each direction, channels innermost, as the C++ loops read them.
         taps = torch.stack([weight.reshape(channels, k), weight_b.reshape(channels, k)]).transpose(1, 2)
-        out = cpu_bidirectional_conv1d(x, taps, both_bias, silu)
-        if out is not None:
-            return out
+        return _CppBidirectionalConv1d.apply(x, taps.contiguous(), both_bias, silu)
     return _conv_as_one_torch_conv(x, weight, both_bias, weight_b, k, silu)
+
+
+class _CppBidirectionalConv1d(torch.autograd.Function):
+    """The C++ loops with autograd: saves x and the (small) taps and bias, recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, taps: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+        ctx.save_for_backward(x, taps, bias)
+        ctx.silu = silu
+        return cpu_bidirectional_conv1d(x, taps, bias, silu)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        x, taps, bias = ctx.saved_tensors
+        dx, dtaps, dbias = cpu_bidirectional_conv1d_backward(dout, x, taps, bias, ctx.silu)
+        return dx, dtaps, dbias, None
 
 
 def _triton_runs(x: Tensor) -> bool:

@@ -40,6 +40,8 @@ __all__ = [
     "CACHE_ENV_VAR",
     "NO_BUILD_ENV_VAR",
     "cpu_bidirectional_conv1d",
+    "cpu_bidirectional_conv1d_backward",
+    "cpu_library_available",
     "cpu_multi_direction_scan",
     "cpu_scan_backward",
     "cpu_scan_forward",
@@ -217,6 +219,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ss_has_openmp.restype = i32
     lib.ss_bidir_conv_f32.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, i64, i32, i32]
     lib.ss_bidir_conv_f32.restype = i32
+    lib.ss_bidir_conv_backward_f32.argtypes = [p, i64, i64, p, p, p, p, p, p, p, i64, i64, i64, i64, i32, i32]
+    lib.ss_bidir_conv_backward_f32.restype = i32
 
 
 _LIBRARY = _Library()
@@ -253,16 +257,15 @@ def kernel_math(name: str, x: Tensor) -> Tensor:
     return out
 
 
-def cpu_bidirectional_conv1d(x: Tensor, taps: Tensor, bias: Tensor | None, silu: bool) -> Tensor | None:
-    """Vim's two causal depthwise convolutions (+ SiLU) in the C++ library, for float32 inference.
+def cpu_bidirectional_conv1d(x: Tensor, taps: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+    """Vim's two causal depthwise convolutions (+ SiLU) in the C++ library, float32 (no autograd here: see
+    ``vmamba.kernels.conv1d``).
 
     ``x`` (batch, L, C) float32 with unit channel stride; ``taps`` (2, k, C) and ``bias`` (2, C) as
     :func:`vmamba.kernels.conv1d.bidirectional_causal_conv1d` builds them. Returns the (batch, L, 2C)
-    token-major result, or None when the library is unavailable (the caller then runs PyTorch's conv).
+    token-major result. The library must be available (:func:`cpu_library_available`).
     """
     lib = _LIBRARY.get()
-    if lib is None:
-        return None
     batch, length, channels = x.shape
     if length == 0 or batch == 0:
         return x.new_empty((batch, length, 2 * channels))
@@ -286,6 +289,51 @@ def cpu_bidirectional_conv1d(x: Tensor, taps: Tensor, bias: Tensor | None, silu:
         )
     _check(rc, "bidirectional conv1d")
     return out
+
+
+def cpu_bidirectional_conv1d_backward(
+    dout: Tensor, x: Tensor, taps: Tensor, bias: Tensor | None, silu: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients of :func:`cpu_bidirectional_conv1d` (x, taps and bias as it took them) for ``dout``
+    (batch, L, 2C): ``(dx (batch, L, C), dtaps (2, k, C), dbias (2, C) or None)``, all float32. The
+    pre-activations are recomputed; the library must be available (the forward ran)."""
+    lib = _LIBRARY.get()
+    batch, length, channels = x.shape
+    k = taps.shape[1]
+    dx = torch.zeros((batch, length, channels), dtype=torch.float32)
+    if dx.numel() == 0:
+        return dx, torch.zeros_like(taps), None if bias is None else torch.zeros_like(bias)
+    threads = torch.get_num_threads()
+    dout = dout.to(torch.float32).contiguous()
+    g = torch.empty((batch, length, 2 * channels), dtype=torch.float32)
+    dw_part = torch.empty((threads, 2, k, channels), dtype=torch.float32)
+    db_part = torch.empty((threads, 2, channels), dtype=torch.float32)
+    with _named("vmamba::cpu_bidirectional_conv1d_backward"):
+        rc = lib.ss_bidir_conv_backward_f32(
+            x.data_ptr(),
+            x.stride(0),
+            x.stride(1),
+            taps.data_ptr(),
+            _ptr(bias),
+            dout.data_ptr(),
+            g.data_ptr(),
+            dx.data_ptr(),
+            dw_part.data_ptr(),
+            db_part.data_ptr(),
+            batch,
+            length,
+            channels,
+            k,
+            int(silu),
+            threads,
+        )
+    _check(rc, "bidirectional conv1d backward")
+    return dx, dw_part.sum(0), None if bias is None else db_part.sum(0)
+
+
+def cpu_library_available() -> bool:
+    """Whether the C++ library is built and loaded (building it on the first call)."""
+    return _LIBRARY.get() is not None
 
 
 def _is_available(device: torch.device) -> bool:

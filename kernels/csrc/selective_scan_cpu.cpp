@@ -902,6 +902,73 @@ __attribute__((noinline)) void conv_rows(const float* x, int64_t sxb, int64_t sx
     conv_row(x + (row / L) * sxb, sxl, w, bias, out + row * 2 * C, row % L, L, C, k, silu);
 }
 
+// Backward of the convolutions, pass 1, rows [row0, row1): g = dout * act'(pre-activation) into g (the
+// pre-activations are recomputed by conv_row), and this thread's sums of the tap gradients
+// dw[d, j, c] += g_d[t, c] x[src_d(t, j), c] and of the bias gradients db[d, c] += g_d[t, c].
+__attribute__((noinline)) void conv_grad_rows(const float* x, int64_t sxb, int64_t sxl, const float* w,
+                                              const float* bias, const float* dout, float* g, float* dw,
+                                              float* db, int64_t row0, int64_t row1, int64_t L, int64_t C,
+                                              int64_t k, bool silu) {
+  constexpr int W = Vec<float>::W;
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t t = row % L;
+    const float* xb = x + (row / L) * sxb;
+    float* __restrict__ gr = g + row * 2 * C;
+    const float* __restrict__ dr = dout + row * 2 * C;
+    conv_row(xb, sxl, w, bias, gr, t, L, C, k, false);
+    int64_t i = 0;
+    for (; i + W <= 2 * C; i += W) {
+      VF a, d;
+      std::memcpy(&a, gr + i, sizeof(VF));
+      std::memcpy(&d, dr + i, sizeof(VF));
+      if (silu) {
+        const VF sg = sigmoid(a);
+        d = d * sg * (1.0f + a * (1.0f - sg));
+      }
+      std::memcpy(gr + i, &d, sizeof(VF));
+    }
+    for (; i < 2 * C; ++i) {
+      const float sg = sigmoid(gr[i]);
+      gr[i] = silu ? dr[i] * sg * (1.0f + gr[i] * (1.0f - sg)) : dr[i];
+    }
+    for (int dir = 0; dir < 2; ++dir) {
+      const float* __restrict__ gd = gr + dir * C;
+      float* __restrict__ dbd = db + dir * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) dbd[c] += gd[c];
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t src = dir == 0 ? t - (k - 1) + j : t + (k - 1) - j;
+        if (src < 0 || src >= L) continue;
+        const float* __restrict__ xs = xb + src * sxl;
+        float* __restrict__ dwj = dw + (dir * k + j) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) dwj[c] += gd[c] * xs[c];
+      }
+    }
+  }
+}
+
+// Pass 2, rows [row0, row1) of dx (batch, L, C) contiguous: the transposed convolutions of g,
+// dx[s, c] = sum_j w[0, j, c] g_0[s + (k-1) - j, c] + w[1, j, c] g_1[s - (k-1) + j, c].
+__attribute__((noinline)) void conv_dx_rows(const float* g, const float* w, float* dx, int64_t row0, int64_t row1,
+                                            int64_t L, int64_t C, int64_t k) {
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t s = row % L;
+    const float* gb = g + (row - s) * 2 * C;  // row 0 of this batch element
+    float* __restrict__ o = dx + row * C;
+    for (int64_t c = 0; c < C; ++c) o[c] = 0.0f;
+    for (int dir = 0; dir < 2; ++dir)
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t t = dir == 0 ? s + (k - 1) - j : s - (k - 1) + j;
+        if (t < 0 || t >= L) continue;
+        const float* __restrict__ gt = gb + t * 2 * C + dir * C;
+        const float* __restrict__ wj = w + (dir * k + j) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) o[c] += wj[c] * gt[c];
+      }
+  }
+}
+
 bool valid(int64_t batch, int64_t dim, int64_t len, int64_t nstate, int64_t groups, int nthreads) {
   return batch >= 0 && dim > 0 && len > 0 && nstate > 0 && groups > 0 && dim % groups == 0 && nthreads > 0;
 }
@@ -960,6 +1027,32 @@ SS_EXPORT int ss_bidir_conv_f32(const float* x, int64_t sxb, int64_t sxl, const 
     const int64_t parts = team_size(), part = thread_index();
     conv_rows(x, sxb, sxl, w, bias, out, rows * part / parts, rows * (part + 1) / parts, len, channels, k,
               silu != 0);
+  }
+  return 0;
+}
+
+// The backward of ss_bidir_conv_f32: g (batch, L, 2C) workspace, dx (batch, L, C), and per-thread partial
+// sums dw_part (nthreads, 2, k, C) and db_part (nthreads, 2, C), zeroed here and summed by the caller.
+SS_EXPORT int ss_bidir_conv_backward_f32(const float* x, int64_t sxb, int64_t sxl, const float* w,
+                                         const float* bias, const float* dout, float* g, float* dx,
+                                         float* dw_part, float* db_part, int64_t batch, int64_t len,
+                                         int64_t channels, int64_t k, int silu, int nthreads) {
+  if (batch < 0 || len < 1 || channels < 1 || k < 1 || nthreads < 1) return -2;
+  const int64_t rows = batch * len;
+  const int nt = usable_threads(nthreads);
+  std::memset(dw_part, 0, sizeof(float) * nt * 2 * k * channels);
+  std::memset(db_part, 0, sizeof(float) * nt * 2 * channels);
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t parts = team_size(), part = thread_index();
+    conv_grad_rows(x, sxb, sxl, w, bias, dout, g, dw_part + part * 2 * k * channels,
+                   db_part + part * 2 * channels, rows * part / parts, rows * (part + 1) / parts, len, channels,
+                   k, silu != 0);
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t parts = team_size(), part = thread_index();
+    conv_dx_rows(g, w, dx, rows * part / parts, rows * (part + 1) / parts, len, channels, k);
   }
   return 0;
 }

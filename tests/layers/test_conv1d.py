@@ -144,16 +144,40 @@ def test_cpu_kernel_reads_strided_input_and_no_bias(cpu_library, counted_cpu_cal
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
 
 
-def test_cpu_kernel_only_for_float32_inference(cpu_library, counted_cpu_calls):
-    args = [t.requires_grad_() for t in _inputs(dtype=torch.float32)]
-    out = bidirectional_causal_conv1d(*args)  # autograd: PyTorch's convolution
-    assert out.requires_grad and not counted_cpu_calls
+def test_cpu_kernel_runs_float32_only(cpu_library, counted_cpu_calls):
+    args = _inputs(dtype=torch.float32)
     with torch.no_grad():
         bidirectional_causal_conv1d(*[t.double() for t in args])  # float64: PyTorch's convolution
-    assert not counted_cpu_calls
-    with torch.no_grad():
+        assert not counted_cpu_calls
         bidirectional_causal_conv1d(*args)
     assert len(counted_cpu_calls) == 1
+
+
+@pytest.mark.parametrize(
+    "length, channels, k, bias, silu",
+    [(37, 40, 4, True, True), (3, 5, 4, False, False), (9, 17, 1, True, True)],
+)
+def test_cpu_kernel_gradients_match_float64_reference(
+    cpu_library, counted_cpu_calls, length, channels, k, bias, silu
+):
+    """The C++ backward: dx, both weights and both biases, against autograd through the float64 loops."""
+    args = _inputs(batch=2, length=length, channels=channels, k=k, bias=bias, dtype=torch.float32, seed=k)
+    leaves = [t.requires_grad_() for t in args if t is not None]
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+
+    def full(ts):
+        it = iter(ts)
+        return [next(it) if a is not None else None for a in args]
+
+    out = bidirectional_causal_conv1d(*full(leaves), silu=silu)
+    assert len(counted_cpu_calls) == 1 and out.requires_grad
+    want = bidirectional_causal_conv1d_reference(*full(refs), silu=silu)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves, upstream.float())
+    expected = torch.autograd.grad(want, refs, upstream)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
 
 
 def test_cpu_kernel_thread_count_does_not_change_results(cpu_library):
