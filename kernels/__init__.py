@@ -9,7 +9,7 @@ See ``docs/kernels.md`` for the semantics and for which backend runs when.
 from .backends import BACKEND_ENV_VAR, BACKEND_NAMES, ScanBackend, available_backends, register_backend
 from .conv1d import bidirectional_causal_conv1d, bidirectional_causal_conv1d_reference
 from .directions import multi_direction_selective_scan
-from .eager import is_eager_cpu_inference
+from .eager import is_eager_cpu, is_eager_cpu_inference
 from .non_causal_ssd import non_causal_ssd, non_causal_ssd_reference
 from .norm import add_rms_norm, rms_norm
 from .reference import selective_scan_reference
@@ -32,6 +32,7 @@ __all__ = [
     "bidirectional_ssd_scan",
     "check_scan_inputs",
     "from_directions",
+    "is_eager_cpu",
     "is_eager_cpu_inference",
     "multi_direction_selective_scan",
     "multi_direction_ssd_scan",

@@ -20,6 +20,7 @@ the projections produce and consume:
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import triton as _triton
 from .cpu import cpu_bidirectional_conv1d, cpu_bidirectional_conv1d_backward, cpu_library_available
@@ -96,6 +97,7 @@ class _CppBidirectionalConv1d(torch.autograd.Function):
         return cpu_bidirectional_conv1d(x, taps, bias, silu)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout: Tensor):
         x, taps, bias = ctx.saved_tensors
         dx, dtaps, dbias = cpu_bidirectional_conv1d_backward(dout, x, taps, bias, ctx.silu)

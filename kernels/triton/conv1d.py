@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["triton_bidirectional_conv1d"]
 
@@ -224,6 +225,7 @@ class _BidirectionalConv1d(torch.autograd.Function):
         return _forward(x, taps, bias, silu)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout: Tensor):
         x, taps, bias = ctx.saved_tensors
         dx, dtaps, dbias = _backward(dout, x, taps, bias, ctx.silu)

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["triton_add_rms_norm"]
 
@@ -111,6 +112,7 @@ class _AddRMSNorm(torch.autograd.Function):
         return out.view(x.shape), total.view(x.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout: Tensor, dsum: Tensor | None = None):
         total, rstd, weight = ctx.saved_tensors
         rows, n = total.shape
