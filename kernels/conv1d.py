@@ -83,25 +83,28 @@ def bidirectional_causal_conv1d(
     if is_eager_cpu(x, weight, both_bias, weight_b) and x.stride(2) == 1 and cpu_library_available():
         # (2, k, C): tap j of each direction, channels innermost, as the C++ loops read them.
         taps = torch.stack([weight.reshape(channels, k), weight_b.reshape(channels, k)]).transpose(1, 2)
-        return _CppBidirectionalConv1d.apply(x, taps.contiguous(), both_bias, silu)
+        kernels = (cpu_bidirectional_conv1d, cpu_bidirectional_conv1d_backward)
+        return BidirectionalConv1dFunction.apply(x, taps.contiguous(), both_bias, silu, kernels)
     return _conv_as_one_torch_conv(x, weight, both_bias, weight_b, k, silu)
 
 
-class _CppBidirectionalConv1d(torch.autograd.Function):
-    """The C++ loops with autograd: saves x and the (small) taps and bias, recomputes the rest."""
+class BidirectionalConv1dFunction(torch.autograd.Function):
+    """Autograd for the fused kernels of a backend (the C++ loops or the Triton kernels), given as a
+    ``forward(x, taps, bias, silu)`` / ``backward(dout, x, taps, bias, silu) -> (dx, dtaps, dbias)`` pair:
+    saves x and the (small) taps and bias, and the backward recomputes the rest."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, taps: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+    def forward(ctx, x: Tensor, taps: Tensor, bias: Tensor | None, silu: bool, kernels: tuple) -> Tensor:
         ctx.save_for_backward(x, taps, bias)
-        ctx.silu = silu
-        return cpu_bidirectional_conv1d(x, taps, bias, silu)
+        ctx.silu, ctx.backward_kernel = silu, kernels[1]
+        return kernels[0](x, taps, bias, silu)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout: Tensor):
         x, taps, bias = ctx.saved_tensors
-        dx, dtaps, dbias = cpu_bidirectional_conv1d_backward(dout, x, taps, bias, ctx.silu)
-        return dx, dtaps, dbias, None
+        dx, dtaps, dbias = ctx.backward_kernel(dout, x, taps, bias, ctx.silu)
+        return dx, dtaps, dbias, None, None
 
 
 def _triton_runs(x: Tensor) -> bool:

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from ..conv1d import BidirectionalConv1dFunction
 
 __all__ = ["triton_bidirectional_conv1d"]
 
@@ -215,23 +216,6 @@ def _backward(
     return dx, dw_part.sum(0), None if bias is None else db_part.sum(0)
 
 
-class _BidirectionalConv1d(torch.autograd.Function):
-    """Autograd for the kernels: saves x and the (small) taps and bias, recomputes the rest."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, taps: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
-        ctx.save_for_backward(x, taps, bias)
-        ctx.silu = silu
-        return _forward(x, taps, bias, silu)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout: Tensor):
-        x, taps, bias = ctx.saved_tensors
-        dx, dtaps, dbias = _backward(dout, x, taps, bias, ctx.silu)
-        return dx, dtaps, dbias, None
-
-
 def triton_bidirectional_conv1d(x: Tensor, taps: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
     """The op on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``), differentiable.
 
@@ -248,4 +232,4 @@ def triton_bidirectional_conv1d(x: Tensor, taps: Tensor, bias: Tensor | None, si
         x = x.contiguous()
     taps = taps.float().contiguous()
     bias = None if bias is None else bias.float().contiguous()
-    return _BidirectionalConv1d.apply(x, taps, bias, silu)
+    return BidirectionalConv1dFunction.apply(x, taps, bias, silu, (_forward, _backward))
