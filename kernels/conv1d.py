@@ -14,7 +14,7 @@ the projections produce and consume:
   reversed backward kernel on taps ``k-1..2k-2`` (the token and the k-1 after it), zeros elsewhere, two
   output channels per input channel.
 
-:func:`bidirectional_causal_conv1d_reference` is the float64 loop both are tested against.
+:func:`bidirectional_causal_conv1d_reference` is the float64 loop all three are tested against.
 """
 
 import torch
@@ -117,7 +117,7 @@ def _triton_runs(x: Tensor) -> bool:
 def _conv_as_one_torch_conv(
     x: Tensor, weight: Tensor, both_bias: Tensor | None, weight_b: Tensor, k: int, silu: bool
 ) -> Tensor:
-    """The op as one grouped ``F.conv1d`` with 2k - 1 taps (the autograd, export and GPU path)."""
+    """The op as one grouped ``F.conv1d`` with 2k - 1 taps (other dtypes, tracing, compile and export)."""
     batch, length, channels = x.shape
     w_f = weight.reshape(channels, k)
     w_b = weight_b.reshape(channels, k)
