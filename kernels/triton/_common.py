@@ -194,8 +194,12 @@ def make_plan(batch: int, total_channels: int, per_group: int, length: int, devi
 # direction codes).
 _ACTIVATION_POINTERS = frozenset(
     ("u_ptr", "delta_ptr", "z_ptr", "out_ptr", "B_ptr", "C_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")
-    + ("x_ptr", "dx_ptr")  # the bidirectional conv1d
+    + ("x_ptr",)  # the SSD and conv kernels' input
 )
+
+
+# The kernels' scalar arguments that are floats (every other scalar argument is an integer).
+_FLOAT_SCALARS = frozenset(("dout_scale", "dt_min", "dt_max", "eps"))
 
 
 def compile_for_arch(
@@ -206,10 +210,12 @@ def compile_for_arch(
     num_warps: int = 4,
     unit_strides: Sequence[str] = (),
     divisible: Sequence[str] = (),
+    io_pointers: Sequence[str] = (),
 ):
     """Compile a scan kernel for NVIDIA sm_``arch`` with Triton's bundled ptxas (no GPU or driver needed).
 
-    ``io`` is the activations' Triton dtype name ("bf16", "fp16", "fp32"). As Triton's launcher does at
+    ``io`` is the activations' Triton dtype name ("bf16", "fp16", "fp32"), taken by the activation pointers
+    (``_ACTIVATION_POINTERS`` and ``io_pointers``; other pointers are float32). As Triton's launcher does at
     run time, integer arguments named in ``unit_strides`` are fixed at 1 (for example the channel strides
     of token-major activations) and those in ``divisible`` marked as multiples of 16; pointers are marked
     16-byte aligned. Returns the compiled kernel (``.asm["cubin"]`` holds the binary); used to check
@@ -231,9 +237,9 @@ def compile_for_arch(
         elif name == "dirs_ptr":
             signature[name] = "*i32"
         elif name.endswith("_ptr"):
-            signature[name] = f"*{io}" if name in _ACTIVATION_POINTERS else "*fp32"
+            signature[name] = f"*{io}" if name in _ACTIVATION_POINTERS or name in io_pointers else "*fp32"
         else:
-            signature[name] = "fp32" if name == "dout_scale" else "i32"
+            signature[name] = "fp32" if name in _FLOAT_SCALARS else "i32"
     options = {"num_warps": num_warps, "enable_fp_fusion": True}
     return triton.compile(
         ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=options

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from test_ssd import make_inputs  # the random inputs of the torch-path tests (same scales)
 
 from vmamba.kernels import multi_direction_ssd_scan, ssd_scan
 
@@ -32,25 +33,6 @@ TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 GRID_4 = ("row", "col", "row_reversed", "col_reversed")
 SMALL = (1, 2, 16, 1, 16)  # (batch, nheads, headdim, ngroups, dstate) of the default interpreter run
 VISION_GRIDS = {49: (7, 7), 196: (14, 14), 784: (28, 28), 3136: (56, 56), 35: (5, 7)}
-
-
-def make_inputs(batch, length, nheads, headdim, groups, dstate, D_per_channel=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0, shift=0.0):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
-
-    return {
-        "x": rnd(batch, length, nheads, headdim),
-        "dt": rnd(batch, length, nheads, scale=0.5, shift=-2.0),
-        "A": -(torch.rand(nheads, generator=gen, dtype=torch.float64) * 4 + 0.5),
-        "B": rnd(batch, length, groups, dstate),
-        "C": rnd(batch, length, groups, dstate),
-        "D": rnd(nheads, headdim) if D_per_channel else rnd(nheads),
-        "z": rnd(batch, length, nheads, headdim),
-        "dt_bias": rnd(nheads, scale=0.5),
-        "initial_states": rnd(batch, nheads, headdim, dstate),
-    }
 
 
 def cast(inputs, dtype):
@@ -232,9 +214,8 @@ def test_ssd_kernels_under_interpreter_full():
 def test_kernels_compile_for_sm90(io):
     """Both kernels compile to an sm_90 cubin with every option on (Triton's ptxas; no GPU needed)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
+    from vmamba.kernels.triton._common import compile_for_arch
     from vmamba.kernels.triton.ssd_bwd import _ssd_bwd_kernel
     from vmamba.kernels.triton.ssd_fwd import _ssd_fwd_kernel
 
@@ -245,22 +226,7 @@ def test_kernels_compile_for_sm90(io):
     forward = dict(common, BLOCK_P=64, HAS_D=True, HAS_Z=True, HAS_FINAL=True)
     backward = dict(common, BLOCK_P=32, HAS_DFINAL=True)
     for kernel, constexprs in ((_ssd_fwd_kernel, forward), (_ssd_bwd_kernel, backward)):
-        signature = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name == "dirs_ptr":
-                signature[name] = "*i32"
-            elif name.endswith("_ptr"):
-                signature[name] = (
-                    f"*{io}" if name in ("x_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr") else "*fp32"
-                )
-            else:
-                signature[name] = "fp32" if name in ("dt_min", "dt_max") else "i32"
-        target = GPUTarget("cuda", 90, 32)
-        compiled = triton.compile(
-            ASTSource(kernel, signature, constexprs), target=target, options={"num_warps": 8}
-        )
+        compiled = compile_for_arch(kernel, constexprs, io, arch=90, num_warps=8)
         assert compiled.asm["cubin"], kernel.__name__
 
 
