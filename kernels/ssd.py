@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .ssd_reference import ssd_multi_direction_reference, ssd_scan_reference
 from .ssd_torch import torch_ssd_backward, torch_ssd_forward
-from .token_orders import DIRECTIONS
+from .token_orders import DIRECTION_ALIASES, DIRECTIONS
 
 __all__ = [
     "SSD_BACKEND_ENV_VAR",
@@ -33,7 +33,6 @@ __all__ = [
 
 SSD_BACKEND_ENV_VAR = "VMAMBA_SSD_BACKEND"
 SSD_BACKEND_NAMES = ("auto", "reference", "torch", "triton")
-_DIRECTION_ALIASES = {"forward": "row", "backward": "row_reversed"}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NO_LIMIT = (0.0, math.inf)
 
@@ -105,10 +104,10 @@ def _direction_codes(directions: Sequence[str], length: int, grid_size, name: st
         raise ValueError(f"{name}: directions must be a non-empty sequence of names, got {directions!r}")
     codes = []
     for direction in directions:
-        canonical = _DIRECTION_ALIASES.get(direction, direction)
+        canonical = DIRECTION_ALIASES.get(direction, direction)
         if canonical not in DIRECTIONS:
             raise ValueError(
-                f"{name}: unknown direction {direction!r}; expected one of {DIRECTIONS + tuple(_DIRECTION_ALIASES)}"
+                f"{name}: unknown direction {direction!r}; expected one of {DIRECTIONS + tuple(DIRECTION_ALIASES)}"
             )
         if canonical.startswith("col") and grid_size is None:
             raise ValueError(f"{name}: direction {direction!r} needs grid_size=(H, W)")
