@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from . import triton as _triton
 from .cpu import cpu_bidirectional_conv1d, cpu_bidirectional_conv1d_backward, cpu_library_available
-from .eager import is_eager_cpu
+from .eager import is_eager_cpu, triton_kernels_run
 
 __all__ = ["bidirectional_causal_conv1d", "bidirectional_causal_conv1d_reference"]
 
@@ -77,12 +77,13 @@ def bidirectional_causal_conv1d(
     else:
         zeros = torch.zeros(channels, dtype=weight.dtype, device=weight.device)
         both_bias = torch.stack([zeros if bias is None else bias, zeros if bias_b is None else bias_b])
-    if x.is_cuda and _triton_runs(x):
+    on_gpu = triton_kernels_run(x, weight, both_bias, weight_b)
+    on_cpu = not on_gpu and is_eager_cpu(x, weight, both_bias, weight_b) and x.stride(2) == 1
+    if on_gpu or (on_cpu and cpu_library_available()):
+        # (2, k, C): tap j of each direction, channels innermost, as the fused kernels read them.
         taps = torch.stack([weight.reshape(channels, k), weight_b.reshape(channels, k)]).transpose(1, 2)
-        return _triton.triton_bidirectional_conv1d(x, taps, both_bias, silu)
-    if is_eager_cpu(x, weight, both_bias, weight_b) and x.stride(2) == 1 and cpu_library_available():
-        # (2, k, C): tap j of each direction, channels innermost, as the C++ loops read them.
-        taps = torch.stack([weight.reshape(channels, k), weight_b.reshape(channels, k)]).transpose(1, 2)
+        if on_gpu:
+            return _triton.triton_bidirectional_conv1d(x, taps, both_bias, silu)
         kernels = (cpu_bidirectional_conv1d, cpu_bidirectional_conv1d_backward)
         return BidirectionalConv1dFunction.apply(x, taps.contiguous(), both_bias, silu, kernels)
     return _conv_as_one_torch_conv(x, weight, both_bias, weight_b, k, silu)
@@ -105,13 +106,6 @@ class BidirectionalConv1dFunction(torch.autograd.Function):
         x, taps, bias = ctx.saved_tensors
         dx, dtaps, dbias = ctx.backward_kernel(dout, x, taps, bias, ctx.silu)
         return dx, dtaps, dbias, None, None
-
-
-def _triton_runs(x: Tensor) -> bool:
-    """Whether the Triton kernels take a CUDA call: Triton works here, and no compiler or exporter runs."""
-    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
-        return False
-    return _triton.is_available(x.device)
 
 
 def _conv_as_one_torch_conv(

@@ -1,9 +1,10 @@
-"""When the eager CPU fast paths may run: outside tracing, compile and export (and, for some, autograd).
+"""When the eager fast paths may run: outside tracing, compile and export (and, for some, autograd).
 
-The C++ ops (with their own autograd functions) cannot be traced or exported: they run only where
-:func:`is_eager_cpu` says so. GEMMs that write into slices of one output with ``out=`` are not
-differentiable either: they run only where :func:`is_eager_cpu_inference` says so. Everywhere else the
-callers take their differentiable, exportable PyTorch form.
+The C++ ops and the Triton kernels (with their own autograd functions) cannot be traced or exported:
+they run only where :func:`is_eager_cpu` or :func:`triton_kernels_run` says so. GEMMs that write into
+slices of one output with ``out=`` are not differentiable either: they run only where
+:func:`is_eager_cpu_inference` says so. Everywhere else the callers take their differentiable, exportable
+PyTorch form.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["is_eager_cpu", "is_eager_cpu_inference"]
+from . import triton as _triton
+
+__all__ = ["is_eager_cpu", "is_eager_cpu_inference", "triton_kernels_run"]
+
+
+def _tracing() -> bool:
+    """Whether a tracer (TorchScript, ONNX export), ``torch.compile`` or ``torch.export`` is running."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
 def is_eager_cpu(*tensors: Tensor | None, dtype: torch.dtype = torch.float32) -> bool:
@@ -22,7 +30,7 @@ def is_eager_cpu(*tensors: Tensor | None, dtype: torch.dtype = torch.float32) ->
         return False
     if any(t.device.type != "cpu" or t.dtype != dtype for t in present):
         return False
-    return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
+    return not _tracing()
 
 
 def is_eager_cpu_inference(*tensors: Tensor | None, dtype: torch.dtype = torch.float32) -> bool:
@@ -32,3 +40,14 @@ def is_eager_cpu_inference(*tensors: Tensor | None, dtype: torch.dtype = torch.f
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in present):
         return False
     return is_eager_cpu(*present, dtype=dtype)
+
+
+def triton_kernels_run(*tensors: Tensor | None) -> bool:
+    """True when every given tensor is a CUDA tensor of at most float32 precision (the kernels compute in
+    float32), Triton works on its device, and no tracer, compiler or exporter is running."""
+    present = [t for t in tensors if t is not None]
+    if not present or not all(
+        isinstance(t, Tensor) and t.is_cuda and t.dtype != torch.float64 for t in present
+    ):
+        return False
+    return not _tracing() and _triton.is_available(present[0].device)

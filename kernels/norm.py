@@ -4,6 +4,7 @@ import torch
 from torch import Tensor
 
 from . import triton as _triton
+from .eager import triton_kernels_run
 
 __all__ = ["add_rms_norm", "rms_norm"]
 
@@ -25,16 +26,7 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tup
     CUDA tensors (when Triton works, outside compile and export) one Triton kernel does both in one pass
     (:mod:`.triton.rms_norm`); elsewhere, the PyTorch ops.
     """
-    if x.is_cuda and _triton_runs(x, residual, weight):
+    if triton_kernels_run(x, residual, weight):
         return _triton.triton_add_rms_norm(x, residual, weight, eps)
     total = residual + x.to(residual.dtype)
     return rms_norm(total, weight, eps), total
-
-
-def _triton_runs(*tensors: Tensor) -> bool:
-    """Whether the Triton kernel takes the call: float32 or lower precision, Triton works, no compiler runs."""
-    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
-        return False
-    if any(t.dtype == torch.float64 for t in tensors):
-        return False
-    return _triton.is_available(tensors[0].device)
