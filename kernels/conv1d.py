@@ -55,6 +55,7 @@ def bidirectional_causal_conv1d(
     weight_b: Tensor,
     bias_b: Tensor | None,
     silu: bool = True,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Forward-causal and backward-causal depthwise conv1d of one sequence, optionally followed by SiLU.
 
@@ -63,6 +64,9 @@ def bidirectional_causal_conv1d(
         weight, weight_b: (C, k) or (C, 1, k) (``nn.Conv1d`` layout) kernels of the two directions.
         bias, bias_b: (C,) or None.
         silu: apply SiLU to the result.
+        out: a contiguous (batch, L, 2C) tensor of x's dtype and device to write the result into and return
+            (a buffer reused between calls; the C++ loops write it directly). Inference only: a ValueError
+            if a gradient would be recorded.
 
     Returns:
         (batch, L, 2C) contiguous: channels ``[:C]`` are ``y_f[t] = sum_j weight[c, j] x[t - k + 1 + j]``
@@ -72,6 +76,8 @@ def bidirectional_causal_conv1d(
     """
     k = _check(x, weight, bias, weight_b, bias_b)
     channels = x.shape[2]
+    if out is not None:
+        _check_out(out, x, [weight, bias, weight_b, bias_b])
     if bias is None and bias_b is None:
         both_bias: Tensor | None = None
     else:
@@ -83,10 +89,27 @@ def bidirectional_causal_conv1d(
         # (2, k, C): tap j of each direction, channels innermost, as the fused kernels read them.
         taps = torch.stack([weight.reshape(channels, k), weight_b.reshape(channels, k)]).transpose(1, 2)
         if on_gpu:
-            return _triton.triton_bidirectional_conv1d(x, taps, both_bias, silu)
-        kernels = (cpu_bidirectional_conv1d, cpu_bidirectional_conv1d_backward)
-        return BidirectionalConv1dFunction.apply(x, taps.contiguous(), both_bias, silu, kernels)
-    return _conv_as_one_torch_conv(x, weight, both_bias, weight_b, k, silu)
+            y = _triton.triton_bidirectional_conv1d(x, taps, both_bias, silu)
+        elif out is not None:
+            return cpu_bidirectional_conv1d(x, taps.contiguous(), both_bias, silu, out)
+        else:
+            kernels = (cpu_bidirectional_conv1d, cpu_bidirectional_conv1d_backward)
+            return BidirectionalConv1dFunction.apply(x, taps.contiguous(), both_bias, silu, kernels)
+    else:
+        y = _conv_as_one_torch_conv(x, weight, both_bias, weight_b, k, silu)
+    return y if out is None else out.copy_(y)
+
+
+def _check_out(out: Tensor, x: Tensor, params: list[Tensor | None]) -> None:
+    """Raise ValueError unless ``out`` can take the result for ``x`` without breaking autograd."""
+    want = (x.shape[0], x.shape[1], 2 * x.shape[2])
+    if tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous {list(want)} {x.dtype} tensor on {x.device}, got {list(out.shape)} "
+            f"{out.dtype} on {out.device}{'' if out.is_contiguous() else ' (not contiguous)'}"
+        )
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [x, *params]):
+        raise ValueError("out= is for inference: call without it when gradients are needed")
 
 
 class BidirectionalConv1dFunction(torch.autograd.Function):

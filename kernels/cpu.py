@@ -257,21 +257,25 @@ def kernel_math(name: str, x: Tensor) -> Tensor:
     return out
 
 
-def cpu_bidirectional_conv1d(x: Tensor, taps: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+def cpu_bidirectional_conv1d(
+    x: Tensor, taps: Tensor, bias: Tensor | None, silu: bool, out: Tensor | None = None
+) -> Tensor:
     """Vim's two causal depthwise convolutions (+ SiLU) in the C++ library, float32 (no autograd here: see
     ``vmamba.kernels.conv1d``).
 
     ``x`` (batch, L, C) float32 with unit channel stride; ``taps`` (2, k, C) and ``bias`` (2, C) as
     :func:`vmamba.kernels.conv1d.bidirectional_causal_conv1d` builds them. Returns the (batch, L, 2C)
-    token-major result. The library must be available (:func:`cpu_library_available`).
+    token-major result, written into ``out`` (contiguous, checked by the caller) when given. The library
+    must be available (:func:`cpu_library_available`).
     """
     lib = _LIBRARY.get()
     batch, length, channels = x.shape
+    if out is None:
+        out = torch.empty((batch, length, 2 * channels), dtype=torch.float32)
     if length == 0 or batch == 0:
-        return x.new_empty((batch, length, 2 * channels))
+        return out
     taps = taps.to(torch.float32).contiguous()
     bias = None if bias is None else bias.to(torch.float32).contiguous()
-    out = torch.empty((batch, length, 2 * channels), dtype=torch.float32)
     with _named("vmamba::cpu_bidirectional_conv1d"):
         rc = lib.ss_bidir_conv_f32(
             x.data_ptr(),

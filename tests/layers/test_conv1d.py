@@ -89,6 +89,30 @@ def test_bad_shapes_are_named():
         bidirectional_causal_conv1d(x, w, b, w_b, b_b[:2])
 
 
+def test_out_buffer_takes_the_result():
+    """out= on the PyTorch path (float64): the same values, written into the given buffer."""
+    x, w, b, w_b, b_b = _inputs()
+    buffer = torch.full((2, 9, 10), float("nan"), dtype=torch.float64)
+    with torch.no_grad():
+        got = bidirectional_causal_conv1d(x, w, b, w_b, b_b, out=buffer)
+    assert got.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(
+        got, bidirectional_causal_conv1d_reference(x, w, b, w_b, b_b), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_out_buffer_is_checked():
+    x, w, b, w_b, b_b = _inputs()
+    with pytest.raises(ValueError, match=r"out must be a contiguous \[2, 9, 10\]"):
+        bidirectional_causal_conv1d(x, w, b, w_b, b_b, out=torch.empty(2, 9, 9, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not contiguous"):
+        bidirectional_causal_conv1d(x, w, b, w_b, b_b, out=torch.empty(2, 10, 9, dtype=torch.float64).mT)
+    with pytest.raises(ValueError, match="out= is for inference"):
+        bidirectional_causal_conv1d(
+            x, w.requires_grad_(), b, w_b, b_b, out=torch.empty(2, 9, 10, dtype=torch.float64)
+        )
+
+
 # --- The C++ loop (float32 CPU inference) -------------------------------------------------------------
 
 
@@ -142,6 +166,16 @@ def test_cpu_kernel_reads_strided_input_and_no_bias(cpu_library, counted_cpu_cal
     assert len(counted_cpu_calls) == 1
     want = bidirectional_causal_conv1d_reference(x.double(), w.double(), None, w_b.double(), None)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_kernel_writes_into_out_buffer(cpu_library, counted_cpu_calls):
+    args = _inputs(batch=2, length=30, channels=20, dtype=torch.float32)
+    buffer = torch.full((2, 30, 40), float("nan"))
+    with torch.no_grad():
+        got = bidirectional_causal_conv1d(*args, out=buffer)
+        want = bidirectional_causal_conv1d(*args)
+    assert len(counted_cpu_calls) == 2 and got.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_cpu_kernel_runs_float32_only(cpu_library, counted_cpu_calls):

@@ -19,7 +19,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.optim import create_optimizer_v2
 
 import vmamba  # noqa: F401  (registers the models)
-from vmamba.layers import BiMambaMixer, RMSNorm
+from vmamba.layers import BiMambaMixer, RMSNorm, mamba_mixer
+from vmamba.models import vim as vim_module
 from vmamba.models.vim import Vim, checkpoint_filter_fn, default_out_indices, resample_pos_embed
 
 VARIANTS = {
@@ -490,3 +491,34 @@ def test_onnx_export_vim_tiny_224(tmp_path):
     # against ~1 min without it); onnxruntime optimises the graph itself when it loads it.
     x = torch.randn(1, 3, 224, 224)
     assert _onnx_round_trip(model, x, tmp_path / "vim_tiny.onnx", optimize=False) <= 1e-4
+
+
+def test_inference_shares_one_conv_buffer_per_forward(monkeypatch):
+    """In CPU inference the mixers write their convolution output into one buffer per forward (freed
+    after it); the logits are those of mixers that allocate their own, and training never shares it."""
+    torch.manual_seed(0)
+    model = small_vim(drop_path_rate=0.0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    buffers = []
+    real = mamba_mixer._conv_buffer
+
+    def recorded(*args):
+        buffer = real(*args)
+        buffers.append(None if buffer is None else buffer.data_ptr())
+        return buffer
+
+    monkeypatch.setattr(mamba_mixer, "_conv_buffer", recorded)
+    with torch.no_grad():
+        shared = model(x)
+        assert len(buffers) == len(model.blocks) and buffers[0] is not None and len(set(buffers)) == 1
+        assert mamba_mixer._CONV_BUFFER.tensor is None  # freed after the blocks
+        monkeypatch.setattr(vim_module, "share_conv_buffer", lambda shared: None)
+        buffers.clear()
+        own = model(x)
+        assert buffers == [None] * len(model.blocks)
+    torch.testing.assert_close(shared, own, rtol=0, atol=0)
+    model.train()
+    monkeypatch.setattr(vim_module, "share_conv_buffer", mamba_mixer.share_conv_buffer)
+    buffers.clear()
+    model(x).sum().backward()
+    assert buffers == [None] * len(model.blocks)
