@@ -801,6 +801,218 @@ void backward_row(const Scan<T>& s, const Grads<T>& gr, int64_t row, T* __restri
   if (gr.dbias_rows) gr.dbias_rows[row] = dbias_acc;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The float backward for N = 16, vectorised over channels like the forward: lane c of every vector is
+// channel d0 + c, so the readout, du, ddelta and dz need no horizontal sums, and the state, adjoint and dA
+// of a block live in vectors (two passes of 8 states, so that they and A stay in registers). Only dB and dC
+// sum over channels: each block adds into per-lane partial sums (L x N vectors per unit), reduced once per
+// unit. The steps are those of backward_row (pass 1: the state entering every chunk; pass 2, chunks in
+// reverse: recompute the chunk's states and decays, then run the adjoint through it), with the forward's
+// decays 2^(dt * A log2 e).
+constexpr int kBlockN = 16;
+
+// Vectors of per-thread workspace backward_block needs for sequences of length L.
+inline int64_t backward_block_workspace(int64_t L) {
+  const int64_t chunks = (L + kChunk - 1) / kChunk;
+  return chunks * kBlockN + (2 * kChunk + 1) * kBlockN + 10 * kChunk + 2 * L * kBlockN;
+}
+
+inline float lane_sum(VF v) {
+  float acc = 0.0f;
+  for (int c = 0; c < Vec<float>::W; ++c) acc += v[c];
+  return acc;
+}
+
+// The backward of channels [d0, d0 + lanes) of batch b (lanes <= W); dBv, dCv: the unit's partial sums.
+void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int64_t d0, int lanes, VF* ws,
+                    VF* __restrict__ dBv, VF* __restrict__ dCv) {
+  constexpr int N = kBlockN, H = N / 2;
+  const int64_t L = s.len, chunks = (L + kChunk - 1) / kChunk;
+  const int64_t g = d0 / (s.dim / s.groups), row0 = b * s.dim + d0;
+  const float* Bg = s.B + (b * s.groups + g) * L * N;
+  const float* Cg = s.C + (b * s.groups + g) * L * N;
+  VF* __restrict__ ckpt = ws;                 // ckpt[c * N + n]: state n entering chunk c
+  VF* __restrict__ hs = ckpt + chunks * N;    // hs[(t + 1) * N + n]: state after step t of the chunk
+  VF* __restrict__ a = hs + (kChunk + 1) * N; // a[t * N + n]: decay of step t
+  VF* __restrict__ uu = a + kChunk * N;
+  VF* __restrict__ dt = uu + kChunk;  // the steps, then d(delta)
+  VF* __restrict__ raw = dt + kChunk; // delta + bias (for softplus')
+  VF* __restrict__ dtu = raw + kChunk;
+  VF* __restrict__ zz = dtu + kChunk;
+  VF* __restrict__ dy = zz + kChunk;  // d(out), then d(y)
+  VF* __restrict__ y = dy + kChunk;
+  VF* __restrict__ sgB = y + kChunk;  // sum_n g_n B_n
+  VF* __restrict__ sqA = sgB + kChunk;  // sum_n q_n A_n
+  VF* __restrict__ tmp = sqA + kChunk;  // du, dz on their way out
+
+  VF A2[N], Ar[N], G[N], dA[N], hcur[N];  // A log2(e), A, adjoint, dA, running state
+  VF Dv{}, biasv{};
+  for (int n = 0; n < N; ++n) Ar[n] = A2[n] = G[n] = dA[n] = hcur[n] = VF{};
+  for (int c = 0; c < lanes; ++c) {
+    for (int n = 0; n < N; ++n) {
+      Ar[n][c] = s.A[(d0 + c) * N + n];
+      A2[n][c] = Ar[n][c] * float(kLog2e);
+      if (gr.dlast) G[n][c] = gr.dlast[(row0 + c) * N + n];
+    }
+    if (s.D) Dv[c] = s.D[d0 + c];
+    if (s.bias) biasv[c] = s.bias[d0 + c];
+  }
+  const auto load = [&](const float* base, int64_t t0, int64_t nt, VF* buf) {
+    load_tile(base + row0 * L + t0, L, 1, lanes, nt, buf);
+  };
+  const auto store = [&](VF* buf, int64_t t0, int64_t nt, float* base) {
+    store_tile(buf, lanes, nt, base + row0 * L + t0, L, 1);
+  };
+  const auto steps = [&](int64_t t0, int64_t nt) {  // dt, raw and dt * u of one chunk
+    load(s.delta, t0, nt, dt);
+    load(s.u, t0, nt, uu);
+    for (int64_t t = 0; t < nt; ++t) {
+      const VF r = dt[t] + biasv;
+      raw[t] = r;
+      dt[t] = s.softplus ? softplus(r) : r;
+      dtu[t] = dt[t] * uu[t];
+    }
+  };
+
+  // Pass 1: the state entering every chunk.
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t t0 = c * kChunk, nt = L - t0 < kChunk ? L - t0 : kChunk;
+    for (int n = 0; n < N; ++n) ckpt[c * N + n] = hcur[n];
+    if (c == chunks - 1) break;
+    steps(t0, nt);
+    for (int h0 = 0; h0 < N; h0 += H) {
+      VF h[H], a2[H];
+      for (int n = 0; n < H; ++n) h[n] = hcur[h0 + n], a2[n] = A2[h0 + n];
+      for (int64_t t = 0; t < nt; ++t) {
+        const float* Bt = Bg + (t0 + t) * N + h0;
+        for (int n = 0; n < H; ++n) h[n] = exp2_decay(dt[t] * a2[n]) * h[n] + dtu[t] * Bt[n];
+      }
+      for (int n = 0; n < H; ++n) hcur[h0 + n] = h[n];
+    }
+  }
+
+  // Pass 2: chunks in reverse.
+  VF dD{}, dbias{};
+  for (int64_t c = chunks - 1; c >= 0; --c) {
+    const int64_t t0 = c * kChunk, nt = L - t0 < kChunk ? L - t0 : kChunk;
+    steps(t0, nt);
+    load(gr.dout, t0, nt, dy);
+    if (s.z) load(s.z, t0, nt, zz);
+    // The chunk's states, decays and readout.
+    for (int64_t t = 0; t < nt; ++t) y[t] = VF{};
+    for (int h0 = 0; h0 < N; h0 += H) {
+      VF h[H], a2[H];
+      for (int n = 0; n < H; ++n) h[n] = hs[h0 + n] = ckpt[c * N + h0 + n], a2[n] = A2[h0 + n];
+      for (int64_t t = 0; t < nt; ++t) {
+        const float* Bt = Bg + (t0 + t) * N + h0;
+        const float* Ct = Cg + (t0 + t) * N + h0;
+        VF acc = y[t];
+        for (int n = 0; n < H; ++n) {
+          const VF e = exp2_decay(dt[t] * a2[n]);
+          a[t * N + h0 + n] = e;
+          h[n] = e * h[n] + dtu[t] * Bt[n];
+          hs[(t + 1) * N + h0 + n] = h[n];
+          acc += h[n] * Ct[n];
+        }
+        y[t] = acc;
+      }
+    }
+    // Output gate and skip term: dz, dy = d(out)/d(y), dD.
+    if (s.z) {
+      for (int64_t t = 0; t < nt; ++t) {
+        const VF sg = sigmoid(zz[t]);
+        tmp[t] = dy[t] * (y[t] + Dv * uu[t]) * sg * (1.0f + zz[t] * (1.0f - sg));
+        dy[t] = dy[t] * zz[t] * sg;
+      }
+      store(tmp, t0, nt, gr.dz);
+    }
+    for (int64_t t = 0; t < nt; ++t) dD += dy[t] * uu[t];
+    // dC[t, n] += sum over channels of dy[t] h_t[n], per lane here.
+    for (int64_t t = 0; t < nt; ++t) {
+      VF* dCt = dCv + (t0 + t) * N;
+      for (int n = 0; n < N; ++n) dCt[n] += dy[t] * hs[(t + 1) * N + n];
+    }
+    // Adjoint recurrence g_t = dy_t C_t + a_{t+1} g_{t+1}, and what it feeds.
+    for (int64_t t = 0; t < nt; ++t) sgB[t] = sqA[t] = VF{};
+    for (int h0 = 0; h0 < N; h0 += H) {
+      VF gc[H], da[H], ar[H];
+      for (int n = 0; n < H; ++n) gc[n] = G[h0 + n], da[n] = dA[h0 + n], ar[n] = Ar[h0 + n];
+      for (int64_t t = nt - 1; t >= 0; --t) {
+        const float* Bt = Bg + (t0 + t) * N + h0;
+        const float* Ct = Cg + (t0 + t) * N + h0;
+        const VF* at = a + t * N + h0;
+        const VF* hp = hs + t * N + h0;
+        VF* dBt = dBv + (t0 + t) * N + h0;
+        const VF dyt = dy[t], dtut = dtu[t], dtt = dt[t];
+        VF sb = sgB[t], sq = sqA[t];
+        for (int n = 0; n < H; ++n) {
+          const VF gn = gc[n] + dyt * Ct[n];
+          dBt[n] += gn * dtut;
+          sb += gn * Bt[n];
+          const VF q = gn * hp[n] * at[n];  // gradient w.r.t. dt * A[n]
+          sq += q * ar[n];
+          da[n] += q * dtt;
+          gc[n] = at[n] * gn;
+        }
+        sgB[t] = sb;
+        sqA[t] = sq;
+      }
+      for (int n = 0; n < H; ++n) G[h0 + n] = gc[n], dA[h0 + n] = da[n];
+    }
+    for (int64_t t = 0; t < nt; ++t) {
+      tmp[t] = dy[t] * Dv + sgB[t] * dt[t];
+      VF ddt = sqA[t] + sgB[t] * uu[t];
+      if (s.softplus) ddt *= sigmoid(raw[t]);
+      dbias += ddt;
+      dt[t] = ddt;
+    }
+    store(tmp, t0, nt, gr.du);
+    store(dt, t0, nt, gr.ddelta);
+  }
+  for (int c = 0; c < lanes; ++c) {
+    for (int n = 0; n < N; ++n) gr.dA_rows[(row0 + c) * N + n] = dA[n][c];
+    if (gr.dD_rows) gr.dD_rows[row0 + c] = dD[c];
+    if (gr.dbias_rows) gr.dbias_rows[row0 + c] = dbias[c];
+  }
+}
+
+// backward_impl for float and N = 16: the same work units, each a run of blocks.
+int backward_impl_blocks(const Scan<float>& s, const Grads<float>& gr, int nthreads) {
+  constexpr int W = Vec<float>::W, N = kBlockN;
+  const int64_t per_group = s.dim / s.groups, L = s.len;
+  const int64_t units = s.batch * s.groups * gr.slices;
+  const int64_t ws_vectors = backward_block_workspace(L);
+  const int nt = usable_threads(nthreads);
+  int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+  {
+    void* raw = std::malloc(sizeof(VF) * (ws_vectors + 1));
+    VF* ws = reinterpret_cast<VF*>((reinterpret_cast<uintptr_t>(raw) + sizeof(VF) - 1) / sizeof(VF) * sizeof(VF));
+    if (!raw) failed = 1;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t unit = 0; unit < units; ++unit) {
+      if (!raw) continue;
+      const int64_t slice = unit % gr.slices, bg = unit / gr.slices;
+      const int64_t b = bg / s.groups, g = bg % s.groups;
+      const int64_t first = g * per_group + slice * per_group / gr.slices;
+      const int64_t end = g * per_group + (slice + 1) * per_group / gr.slices;
+      VF* dBv = ws + (ws_vectors - 2 * L * N);
+      VF* dCv = dBv + L * N;
+      for (int64_t i = 0; i < 2 * L * N; ++i) dBv[i] = VF{};
+      for (int64_t d0 = first; d0 < end; d0 += W)
+        backward_block(s, gr, b, d0, end - d0 < W ? static_cast<int>(end - d0) : W, ws, dBv, dCv);
+      float* dB = gr.dB_part + unit * L * N;
+      float* dC = gr.dC_part + unit * L * N;
+      for (int64_t i = 0; i < L * N; ++i) {
+        dB[i] = lane_sum(dBv[i]);
+        dC[i] = lane_sum(dCv[i]);
+      }
+    }
+    std::free(raw);
+  }
+  return failed ? -1 : 0;
+}
+
 // Work units are (batch, group, slice): a slice is a run of blocks of one group, and there are about 4
 // units per thread (or one slice per group when that is enough).
 template <typename T, int NS>
@@ -871,12 +1083,12 @@ int forward_dispatch(const Fwd<float>& s, int nthreads) {
 int forward_dispatch(const Fwd<double>& s, int nthreads) { return forward_impl<double, 0>(s, nthreads); }
 
 // Fixed state sizes get their own compiled loops (the state then lives in registers); others run generic.
-template <typename T>
-int backward_dispatch(const Scan<T>& s, const Grads<T>& gr, int nthreads) {
+// N = 16 runs vectorised over channels (backward_block).
+int backward_dispatch(const Scan<float>& s, const Grads<float>& gr, int nthreads) {
   switch (s.nstate) {
-    case 1: return backward_impl<T, 1>(s, gr, nthreads);
-    case 16: return backward_impl<T, 16>(s, gr, nthreads);
-    default: return backward_impl<T, 0>(s, gr, nthreads);
+    case 1: return backward_impl<float, 1>(s, gr, nthreads);
+    case 16: return backward_impl_blocks(s, gr, nthreads);
+    default: return backward_impl<float, 0>(s, gr, nthreads);
   }
 }
 

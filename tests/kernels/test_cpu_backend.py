@@ -105,6 +105,33 @@ def test_float64_matches_reference(chunk, case):
     assert_scan_close(got, want, rtol=1e-9, atol=1e-10)
 
 
+# N = 16 in float32 runs the channel-vectorised backward (SIMD blocks of channels, per-lane dB/dC sums): every
+# case with and without z, bias and softplus, one channel to several blocks, partial blocks, L = 1 to 3 chunks.
+FLOAT32_STATE16 = [
+    (2, 4, 1, 16, 1, True, True, True),
+    (2, 4, 37, 16, None, False, False, False),
+    (1, 34, 129, 16, 1, True, False, True),
+    (2, 80, 150, 16, 2, False, True, True),
+    (1, 48, 64, 16, 3, True, True, False),
+]
+
+
+@pytest.mark.parametrize(
+    "case", FLOAT32_STATE16, ids=lambda c: "b{}-d{}-L{}-N{}-G{}-z{:d}-bias{:d}-sp{:d}".format(*c)
+)
+def test_float32_state16_backward_matches_reference(chunk, case):
+    batch, dim, length, dstate, groups, z, bias, softplus = case
+    inputs = make_inputs(batch, dim, length, dstate, groups, z=z, bias=bias, seed=length)
+    if not softplus:  # positive steps, so that the float32 states stay finite
+        inputs["delta"] = inputs["delta"].abs()
+    want = run_with_grads(inputs, softplus, "reference")
+    got = run_with_grads(
+        {k: None if v is None else v.float() for k, v in inputs.items()}, softplus, "cpu", upstream=want[3]
+    )
+    assert all(g.dtype == torch.float32 for g in got[2].values())
+    assert_scan_close(got, want, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dstate,groups", [(16, 2), (1, None)])
 def test_low_precision_matches_float64_reference(chunk, dtype, dstate, groups):
