@@ -30,8 +30,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .backends import ScanBackend, register_backend
+from .eager import is_eager_cpu
+from .projections import project_steps
 from .reference import math_dtype
 from .token_orders import MERGES
 from .torch_scan import torch_scan_backward, torch_scan_forward
@@ -211,6 +214,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         backward = getattr(lib, f"ss_backward_{suffix}")
         backward.argtypes = [p] * 18 + [i64] * 6 + [i32, i32]
         backward.restype = i32
+    lib.ss_backward_views_f32.argtypes = [p] * 19 + [i32, i32, i32, ctypes.c_double, i32]
+    lib.ss_backward_views_f32.restype = i32
     lib.ss_chunk_size.restype = i32
     lib.ss_lanes.argtypes = [i32]
     lib.ss_lanes.restype = i32
@@ -494,10 +499,9 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _fusable(u, delta, A, B, C, D, z, delta_bias, directions, merge, delta_proj_weight, grid_size) -> bool:
-    """Whether the fused inference forward takes this call (else the generic path runs, and checks it)."""
+    """Whether the fused forward can take this call's shapes and dtypes (else the generic path runs, and
+    checks it)."""
     tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj_weight) if t is not None]
-    if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
-        return False
     if not directions or any(d not in _REVERSED for d in directions) or merge not in MERGES:
         return False
     if any(d in _COLUMN for d in directions) and (
@@ -565,31 +569,87 @@ def cpu_multi_direction_scan(
     merge: str = "sum",
     delta_proj_weight: Tensor | None = None,
 ) -> Tensor:
-    """The ``multi_direction`` hook: the row and column directions for inference, scanned in place and merged.
+    """The ``multi_direction`` hook: the row and column directions scanned in place and merged.
 
-    Semantics of ``multi_direction_selective_scan`` (canonical ``directions``). When no gradient is needed
-    (Vim's ``"row"`` / ``"row_reversed"``, VMamba's four), each direction is one call of the C++ forward
-    on views of its block of the inputs: a reversed direction is passed as views that start at the last
-    token with negated token strides, so it reads u, delta, z, B, C and writes its output back to front
-    without reversed copies, and a column direction walks the (H, W) grid column by column inside the
-    kernel (reversed: the same walk over the negated strides). The first direction writes the output, later ones add into it (the last one
-    scaling by 1/K for ``merge="mean"``); ``merge="none"`` writes each direction into its own slot. The
-    output is token-major when delta is (channels contiguous), like the inputs of Vim's mixer. With
-    ``delta_proj_weight`` the kernel computes each step from the low-rank input (dt_proj fused in).
+    Semantics of ``multi_direction_selective_scan`` (canonical ``directions``).
 
-    Returns NotImplemented otherwise (gradients needed, a column direction without a matching grid_size, other dtypes, empty or
-    inconsistent inputs): the caller then runs its generic path, which does the checks.
+    - When no gradient is needed (Vim's ``"row"`` / ``"row_reversed"``, VMamba's four), each direction is
+      one call of the C++ forward on views of its block of the inputs (:func:`_scan_in_place`).
+    - With gradients, float32 inputs, N = 16 and row directions only (Vim), the same forward runs inside an
+      autograd function whose backward is the channel-vectorised C++ backward on the same views
+      (:class:`_RowScanFunction`): no reordered, concatenated or contiguous copies either way. Low-rank
+      steps are projected first (:func:`~.projections.project_steps`, differentiable).
+
+    Returns NotImplemented otherwise (gradients needed elsewhere, a column direction without a matching
+    grid_size, other dtypes, empty or inconsistent inputs): the caller then runs its generic path, which
+    does the checks.
     """
     if not _fusable(u, delta, A, B, C, D, z, delta_bias, directions, merge, delta_proj_weight, grid_size):
         return NotImplemented
+    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj_weight) if t is not None]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return _scan_in_place(
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            delta_softplus,
+            directions,
+            grid_size,
+            merge,
+            delta_proj_weight,
+        )
+    trainable = (
+        is_eager_cpu(*tensors)
+        and A.shape[1] == _BLOCK_STATES
+        and all(d in _ROWS for d in directions)
+        and _LIBRARY.get() is not None
+    )
+    if not trainable:
+        return NotImplemented
+    if delta_proj_weight is not None:
+        delta = project_steps(delta, delta_proj_weight)
+    return _RowScanFunction.apply(
+        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), directions, merge
+    )
+
+
+# The fused backward's state size (ss_backward_views_f32), and the directions it walks.
+_BLOCK_STATES = 16
+_ROWS = frozenset({"row", "row_reversed"})
+
+
+def _block(t: Tensor | None, i: int, k: int, size: int, dim: int = 1) -> Tensor | None:
+    """Direction i's block of ``size`` along ``dim`` of ``t`` (K blocks), or ``t`` itself when it is shared
+    by the directions (not K blocks long) or None."""
+    if t is None or t.shape[dim] != k * size:
+        return t
+    return t.narrow(dim, i * size, size)
+
+
+def _scan_in_place(u, delta, A, B, C, D, z, delta_bias, softplus, directions, grid_size, merge, W) -> Tensor:
+    """The fused forward: one C++ call per direction on views of its block of the inputs.
+
+    A reversed direction is passed as views that start at the last token with negated token strides, so it
+    reads u, delta, z, B, C and writes its output back to front without reversed copies, and a column
+    direction walks the (H, W) grid column by column inside the kernel (reversed: the same walk over the
+    negated strides). The first direction writes the output, later ones add into it (the last one scaling
+    by 1/K for ``merge="mean"``); ``merge="none"`` writes each direction into its own slot. The output is
+    token-major when u is (channels contiguous), like the inputs of Vim's mixer. With ``W`` (the low-rank
+    ``delta_proj_weight``) the kernel computes each step from the low-rank input (dt_proj fused in). No
+    autograd.
+    """
     k = len(directions)
-    batch, steps, length = delta.shape
+    batch, _, length = delta.shape
     total = A.shape[0]
-    channels, groups, dstate = total // k, B.shape[1] // k, A.shape[1]
-    per_direction_steps = steps // k
+    channels, dstate, groups = total // k, A.shape[1], B.shape[1] // k
     f = math_dtype(u)
     uf, df, Af, Bf, Cf, zf = (_as(t, f) for t in (u, delta, A, B, C, z))
-    Df, bf, Wf = (None if t is None else _as(t, f).contiguous() for t in (D, delta_bias, delta_proj_weight))
+    Df, bf, Wf = (None if t is None else _as(t, f).contiguous() for t in (D, delta_bias, W))
     slots = k if merge == "none" else 1
     if u.stride(1) == 1 and channels > 1:  # token-major, like u: (batch, L, slots, C) storage
         out = torch.empty((batch, length, slots, channels), dtype=f).permute(0, 2, 3, 1)
@@ -599,19 +659,13 @@ def cpu_multi_direction_scan(
     forward = _entry("forward", f)
     sizes = _int64s([batch, channels, length, dstate, groups])
     threads = torch.get_num_threads()
-
-    def block(t: Tensor | None, i: int, per_direction: int) -> Tensor | None:
-        if t is None or t.shape[1] != k * per_direction:
-            return t  # absent, or shared by the directions
-        return t[:, i * per_direction : (i + 1) * per_direction]
-
     with _named("vmamba::cpu_multi_direction_scan"):
         for i, name in enumerate(directions):
             rev = _REVERSED[name]
-            ui, di, zi = block(uf, i, channels), block(df, i, per_direction_steps), block(zf, i, channels)
-            Bi, Ci = block(Bf, i, groups), block(Cf, i, groups)
-            Ai = Af[i * channels : (i + 1) * channels]
-            Di, bi, Wi = (None if t is None else t[i * channels : (i + 1) * channels] for t in (Df, bf, Wf))
+            ui, zi = (_block(t, i, k, channels) for t in (uf, zf))
+            di = _block(df, i, k, delta.shape[1] // k)
+            Bi, Ci = (_block(t, i, k, groups) for t in (Bf, Cf))
+            Ai, Di, bi, Wi = (_block(t, i, k, channels, 0) for t in (Af, Df, bf, Wf))
             oi = out[:, i if merge == "none" else 0]
             scanned = (ui, di, zi if zi is not None else ui, oi, Bi, Ci)
             rc = forward(
@@ -628,13 +682,112 @@ def cpu_multi_direction_scan(
                 last.data_ptr(),
                 sizes,
                 _int64s([s for t in scanned for s in _scan_strides(t, rev)] + list(Ai.stride())),
-                int(bool(delta_softplus)),
+                int(bool(softplus)),
                 int(merge != "none" and i > 0),
                 1.0 / k if merge == "mean" and i == k - 1 else 1.0,
                 threads,
             )
             _check(rc, "multi-direction forward")
     return _as(out if merge == "none" else out[:, 0], u.dtype)
+
+
+def _backward_in_place(
+    u, delta, A, B, C, D, z, delta_bias, softplus, dout, du, ddelta, dz, reverse, add_du, add_dz, dout_scale
+):
+    """One direction's backward (ss_backward_views_f32) on views, float32 and N = 16: writes (or adds, for a
+    u or z shared with other directions) du, ddelta and dz through their views and returns
+    ``(dA, dB, dC, dD, ddelta_bias)`` for this direction (dB, dC in B's (batch, G, N, L) order)."""
+    batch, dim, length = u.shape
+    groups, dstate = B.shape[1], A.shape[1]
+    threads = torch.get_num_threads()
+    slices = _slices(batch, groups, dim // groups, threads)
+    dA_rows = torch.empty((batch, dim, dstate))
+    dB_part = torch.empty((batch, groups, slices, length, dstate))  # every element is written
+    dC_part = torch.empty_like(dB_part)
+    dD_rows = torch.empty((batch, dim)) if D is not None else None
+    dbias_rows = torch.empty((batch, dim)) if delta_bias is not None else None
+    views = (u, delta, u if z is None else z, dout, du, ddelta, du if dz is None else dz, B, C)
+    rc = _LIBRARY.get().ss_backward_views_f32(
+        *(_start(t, reverse) for t in (u, delta)),
+        A.data_ptr(),
+        *(_start(t, reverse) for t in (B, C)),
+        _ptr(D),
+        None if z is None else _start(z, reverse),
+        _ptr(delta_bias),
+        *(_start(t, reverse) for t in (dout, du, ddelta)),
+        None if dz is None else _start(dz, reverse),
+        *(_ptr(t) for t in (dA_rows, dB_part, dC_part, dD_rows, dbias_rows)),
+        _int64s([batch, dim, length, dstate, groups, slices]),
+        _int64s([s for t in views for s in _scan_strides(t, reverse)]),
+        int(softplus),
+        int(add_du),
+        int(add_dz),
+        dout_scale,
+        threads,
+    )
+    _check(rc, "multi-direction backward")
+
+    def states_last(part: Tensor) -> Tensor:  # (batch, G, slices, L, N) in scan order -> (batch, G, N, L)
+        summed = part.sum(2) if slices > 1 else part[:, :, 0]
+        return (summed.flip(2) if reverse else summed).transpose(-1, -2)
+
+    return (
+        dA_rows.sum(0),
+        states_last(dB_part),
+        states_last(dC_part),
+        None if D is None else dD_rows.sum(0),
+        None if delta_bias is None else dbias_rows.sum(0),
+    )
+
+
+class _RowScanFunction(torch.autograd.Function):
+    """Row directions (Vim's) with autograd, float32 and N = 16: :func:`_scan_in_place` forward, and the
+    channel-vectorised C++ backward per direction on the same views (a reversed direction through views
+    with negated token strides, a shared u or z accumulated in place). The backward recomputes the states,
+    so only the inputs are saved."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool, directions: tuple, merge: str):
+        A, D, delta_bias = (None if t is None else t.contiguous() for t in (A, D, delta_bias))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.softplus, ctx.directions, ctx.merge = softplus, directions, merge
+        return _scan_in_place(u, delta, A, B, C, D, z, delta_bias, softplus, directions, None, merge, None)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: Tensor):
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        directions, merge = ctx.directions, ctx.merge
+        k = len(directions)
+        channels, groups = A.shape[0] // k, B.shape[1] // k
+        shared_u = u.shape[1] != k * channels
+        shared_z = z is not None and z.shape[1] != k * channels
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dz = None if z is None else torch.empty_like(z)
+        parts = []
+        with _named("vmamba::cpu_multi_direction_scan_backward"):
+            for i, name in enumerate(directions):
+                parts.append(
+                    _backward_in_place(
+                        *(_block(t, i, k, channels) for t in (u, delta)),
+                        _block(A, i, k, channels, 0),
+                        *(_block(t, i, k, groups) for t in (B, C)),
+                        _block(D, i, k, channels, 0),
+                        _block(z, i, k, channels),
+                        _block(delta_bias, i, k, channels, 0),
+                        ctx.softplus,
+                        dout[:, i] if merge == "none" else dout,
+                        *(_block(t, i, k, channels) for t in (du, ddelta, dz)),
+                        reverse=_REVERSED[name],
+                        add_du=shared_u and i > 0,
+                        add_dz=shared_z and i > 0,
+                        dout_scale=1.0 / k if merge == "mean" else 1.0,
+                    )
+                )
+        dA, dB, dC, dD, dbias = (
+            None if p[0] is None else torch.cat(p, dim=d) for p, d in zip(zip(*parts), (0, 1, 1, 0, 0))
+        )
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None
 
 
 register_backend(

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .backends import resolve_backend
-from .projections import per_direction_linear
+from .projections import project_steps
 from .selective_scan import selective_scan
 from .token_orders import MERGES, canonical_directions, check_grid, from_directions, to_direction_order
 
@@ -112,7 +112,7 @@ def multi_direction_selective_scan(
         if impl is not None and impl.multi_direction is not None and impl.multi_direction_low_rank:
             low_rank = {"delta_proj_weight": delta_proj_weight}
         else:
-            delta = _project_steps(delta, delta_proj_weight, k)
+            delta = project_steps(delta, delta_proj_weight)
     if impl is not None and impl.multi_direction is not None:
         # A fused kernel realises the orders itself: the direction sequences are never materialised.
         fused = impl.multi_direction(
@@ -133,7 +133,7 @@ def multi_direction_selective_scan(
         if fused is not NotImplemented:  # NotImplemented: the hook leaves this call to the generic path
             return fused
     if low_rank:
-        delta = _project_steps(delta, delta_proj_weight, k)
+        delta = project_steps(delta, delta_proj_weight)
     channels = delta.shape[1] // k
     us = _per_direction(u, k, "u", channels, names, grid_size)
     deltas = _per_direction(delta, k, "delta", channels, names, grid_size)
@@ -144,11 +144,3 @@ def multi_direction_selective_scan(
     ys = selective_scan(us, deltas, A, Bs, Cs, D, zs, delta_bias, delta_softplus, backend=backend)
     return from_directions(ys.unflatten(1, (k, channels)), names, grid_size, merge)
 
-
-def _project_steps(delta: Tensor, weight: Tensor, k: int) -> Tensor:
-    """Low-rank step inputs (batch, K*R, L) -> steps (batch, K*C, L), direction by direction (token-major)."""
-    batch, _, length = delta.shape
-    rank = weight.shape[1]
-    x = delta.transpose(1, 2).reshape(batch * length, k, rank).transpose(0, 1)  # (K, batch*L, R)
-    steps = per_direction_linear(x, weight.reshape(k, -1, rank))  # (batch*L, K*C)
-    return steps.view(batch, length, -1).transpose(1, 2)

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .eager import is_eager_cpu_inference
 
-__all__ = ["block_diagonal", "per_direction_linear"]
+__all__ = ["block_diagonal", "per_direction_linear", "project_steps"]
 
 
 def block_diagonal(weights: Tensor) -> Tensor:
@@ -39,3 +39,15 @@ def per_direction_linear(x: Tensor, weights: Tensor) -> Tensor:
         torch.bmm(x, weights.transpose(1, 2), out=out.view(m, k, out_features).transpose(0, 1))
         return out
     return F.linear(x.permute(1, 0, 2).reshape(m, k * in_features), block_diagonal(weights))
+
+
+def project_steps(delta: Tensor, weight: Tensor) -> Tensor:
+    """Low-rank step inputs (batch, K*R, L) -> steps (batch, K*C, L), direction by direction, with the
+    (K*C, R) ``weight`` of ``multi_direction_selective_scan(..., delta_proj_weight=...)``: a token-major
+    result viewed channel-major (:func:`per_direction_linear`)."""
+    batch, _, length = delta.shape
+    rank = weight.shape[1]
+    k = delta.shape[1] // rank
+    x = delta.transpose(1, 2).reshape(batch * length, k, rank).transpose(0, 1)  # (K, batch*L, R)
+    steps = per_direction_linear(x, weight.reshape(k, -1, rank))  # (batch*L, K*C)
+    return steps.view(batch, length, -1).transpose(1, 2)

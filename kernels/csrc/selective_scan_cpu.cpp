@@ -12,13 +12,14 @@
 // (the reversed direction of a multi-direction scan, with no reversed copies), and the forward can add its
 // output into `out` and scale the result, which merges the directions' outputs in the same pass.
 //
-// Backward: all contiguous; u, delta, z, dout, du, ddelta, dz (batch, dim, L); A (dim, N);
-// B, C (batch, G, L, N) (the state index innermost so one time step's N values are adjacent). Each
-// (batch, channel) row is one sequential recurrence, processed in chunks of kChunk steps: the decays
-// exp(dt * A) of a chunk are computed first in one vectorisable loop, then the recurrence runs with the
-// N-state in a small local array (vectorised over N). It stores nothing of size (L, N): it keeps the
-// state at every chunk start, then walks the chunks backwards, recomputing each chunk's states before
-// running the adjoint recurrence through it. Rows / blocks run in parallel with OpenMP when the build has it.
+// Backward: float32 with N = 16 (backward_block, vectorised over channels like the forward) reads and
+// writes strided views of any sign through ss_backward_views_f32 (a reversed direction with no copies), and
+// the contiguous layouts through ss_backward_f32; other N and double (backward_row, one (batch, channel)
+// row at a time, vectorised over N) take contiguous u, delta, z, dout, du, ddelta, dz (batch, dim, L), A
+// (dim, N) and B, C (batch, G, L, N) (the state index innermost so one time step's N values are
+// adjacent). Both work in chunks of kChunk steps and store nothing of size (L, N): they keep the state at
+// every chunk start, then walk the chunks backwards, recomputing each chunk's states before running the
+// adjoint recurrence through it. Units of rows / blocks run in parallel with OpenMP when the build has it.
 
 #include <cmath>
 #include <cstdint>
@@ -310,6 +311,9 @@ struct Scan {
   const T* bias;  // may be null
   int64_t batch, dim, len, nstate, groups;
   bool softplus;
+  // Element strides of u, delta, z (batch, dim, L) and B, C (batch, G, N, L) views, read by backward_block
+  // (backward_row takes the contiguous layouts above).
+  int64_t su[3], sdelta[3], sz[3], sB[4], sC[4];
 };
 
 template <typename T>
@@ -325,7 +329,31 @@ struct Grads {
   T* dD_rows;    // (batch, dim) or null
   T* dbias_rows; // (batch, dim) or null
   int64_t slices;
+  // backward_block only: element strides of the dout, du, ddelta and dz views (batch, dim, L); whether du
+  // and dz are added into (a u or z shared by several calls) instead of written; the factor on dout.
+  int64_t sdout[3], sdu[3], sddelta[3], sdz[3];
+  bool add_du, add_dz;
+  T dout_scale;
 };
+
+// The strides of the contiguous layouts backward_row reads, for backward_block.
+template <typename T>
+void set_contiguous_strides(Scan<T>& s, Grads<T>& gr) {
+  const int64_t L = s.len, N = s.nstate;
+  for (int64_t* v : {s.su, s.sdelta, s.sz, gr.sdout, gr.sdu, gr.sddelta, gr.sdz}) {
+    v[0] = s.dim * L;
+    v[1] = L;
+    v[2] = 1;
+  }
+  for (int64_t* v : {s.sB, s.sC}) {  // (batch, G, L, N) storage as a (batch, G, N, L) view
+    v[0] = s.groups * L * N;
+    v[1] = L * N;
+    v[2] = 1;
+    v[3] = N;
+  }
+  gr.add_du = gr.add_dz = false;
+  gr.dout_scale = T(1);
+}
 
 // dt for steps [t0, t0 + n) of one row: delta (+ bias), softplus applied when asked; raw values optional.
 // (Conditions are hoisted out of the loops so that each loop vectorises.)
@@ -829,8 +857,9 @@ void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int
   constexpr int N = kBlockN, H = N / 2;
   const int64_t L = s.len, chunks = (L + kChunk - 1) / kChunk;
   const int64_t g = d0 / (s.dim / s.groups), row0 = b * s.dim + d0;
-  const float* Bg = s.B + (b * s.groups + g) * L * N;
-  const float* Cg = s.C + (b * s.groups + g) * L * N;
+  const float* Bg = s.B + b * s.sB[0] + g * s.sB[1];
+  const float* Cg = s.C + b * s.sC[0] + g * s.sC[1];
+  const int64_t sBn = s.sB[2], sBl = s.sB[3], sCn = s.sC[2], sCl = s.sC[3];
   VF* __restrict__ ckpt = ws;                 // ckpt[c * N + n]: state n entering chunk c
   VF* __restrict__ hs = ckpt + chunks * N;    // hs[(t + 1) * N + n]: state after step t of the chunk
   VF* __restrict__ a = hs + (kChunk + 1) * N; // a[t * N + n]: decay of step t
@@ -857,15 +886,24 @@ void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int
     if (s.D) Dv[c] = s.D[d0 + c];
     if (s.bias) biasv[c] = s.bias[d0 + c];
   }
-  const auto load = [&](const float* base, int64_t t0, int64_t nt, VF* buf) {
-    load_tile(base + row0 * L + t0, L, 1, lanes, nt, buf);
+  const auto at_chunk = [&](auto* base, const int64_t* st, int64_t t0) {
+    return base + b * st[0] + d0 * st[1] + t0 * st[2];
   };
-  const auto store = [&](VF* buf, int64_t t0, int64_t nt, float* base) {
-    store_tile(buf, lanes, nt, base + row0 * L + t0, L, 1);
+  const auto load = [&](const float* base, const int64_t* st, int64_t t0, int64_t nt, VF* buf) {
+    load_tile(at_chunk(base, st, t0), st[1], st[2], lanes, nt, buf);
+  };
+  // Writes buf (clobbered) to the view, or adds it to what the view holds (using `scratch`).
+  const auto store = [&](VF* buf, float* base, const int64_t* st, bool add, VF* scratch, int64_t t0,
+                         int64_t nt) {
+    if (add) {
+      load_tile(at_chunk(base, st, t0), st[1], st[2], lanes, nt, scratch);
+      for (int64_t t = 0; t < nt; ++t) buf[t] += scratch[t];
+    }
+    store_tile(buf, lanes, nt, at_chunk(base, st, t0), st[1], st[2]);
   };
   const auto steps = [&](int64_t t0, int64_t nt) {  // dt, raw and dt * u of one chunk
-    load(s.delta, t0, nt, dt);
-    load(s.u, t0, nt, uu);
+    load(s.delta, s.sdelta, t0, nt, dt);
+    load(s.u, s.su, t0, nt, uu);
     for (int64_t t = 0; t < nt; ++t) {
       const VF r = dt[t] + biasv;
       raw[t] = r;
@@ -884,8 +922,8 @@ void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int
       VF h[H], a2[H];
       for (int n = 0; n < H; ++n) h[n] = hcur[h0 + n], a2[n] = A2[h0 + n];
       for (int64_t t = 0; t < nt; ++t) {
-        const float* Bt = Bg + (t0 + t) * N + h0;
-        for (int n = 0; n < H; ++n) h[n] = exp2_decay(dt[t] * a2[n]) * h[n] + dtu[t] * Bt[n];
+        const float* Bt = Bg + (t0 + t) * sBl + h0 * sBn;
+        for (int n = 0; n < H; ++n) h[n] = exp2_decay(dt[t] * a2[n]) * h[n] + dtu[t] * Bt[n * sBn];
       }
       for (int n = 0; n < H; ++n) hcur[h0 + n] = h[n];
     }
@@ -896,23 +934,25 @@ void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int
   for (int64_t c = chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * kChunk, nt = L - t0 < kChunk ? L - t0 : kChunk;
     steps(t0, nt);
-    load(gr.dout, t0, nt, dy);
-    if (s.z) load(s.z, t0, nt, zz);
+    load(gr.dout, gr.sdout, t0, nt, dy);
+    if (gr.dout_scale != 1.0f)
+      for (int64_t t = 0; t < nt; ++t) dy[t] *= gr.dout_scale;
+    if (s.z) load(s.z, s.sz, t0, nt, zz);
     // The chunk's states, decays and readout.
     for (int64_t t = 0; t < nt; ++t) y[t] = VF{};
     for (int h0 = 0; h0 < N; h0 += H) {
       VF h[H], a2[H];
       for (int n = 0; n < H; ++n) h[n] = hs[h0 + n] = ckpt[c * N + h0 + n], a2[n] = A2[h0 + n];
       for (int64_t t = 0; t < nt; ++t) {
-        const float* Bt = Bg + (t0 + t) * N + h0;
-        const float* Ct = Cg + (t0 + t) * N + h0;
+        const float* Bt = Bg + (t0 + t) * sBl + h0 * sBn;
+        const float* Ct = Cg + (t0 + t) * sCl + h0 * sCn;
         VF acc = y[t];
         for (int n = 0; n < H; ++n) {
           const VF e = exp2_decay(dt[t] * a2[n]);
           a[t * N + h0 + n] = e;
-          h[n] = e * h[n] + dtu[t] * Bt[n];
+          h[n] = e * h[n] + dtu[t] * Bt[n * sBn];
           hs[(t + 1) * N + h0 + n] = h[n];
-          acc += h[n] * Ct[n];
+          acc += h[n] * Ct[n * sCn];
         }
         y[t] = acc;
       }
@@ -924,7 +964,7 @@ void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int
         tmp[t] = dy[t] * (y[t] + Dv * uu[t]) * sg * (1.0f + zz[t] * (1.0f - sg));
         dy[t] = dy[t] * zz[t] * sg;
       }
-      store(tmp, t0, nt, gr.dz);
+      store(tmp, gr.dz, gr.sdz, gr.add_dz, y, t0, nt);  // y is free by now
     }
     for (int64_t t = 0; t < nt; ++t) dD += dy[t] * uu[t];
     // dC[t, n] += sum over channels of dy[t] h_t[n], per lane here.
@@ -938,17 +978,17 @@ void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int
       VF gc[H], da[H], ar[H];
       for (int n = 0; n < H; ++n) gc[n] = G[h0 + n], da[n] = dA[h0 + n], ar[n] = Ar[h0 + n];
       for (int64_t t = nt - 1; t >= 0; --t) {
-        const float* Bt = Bg + (t0 + t) * N + h0;
-        const float* Ct = Cg + (t0 + t) * N + h0;
+        const float* Bt = Bg + (t0 + t) * sBl + h0 * sBn;
+        const float* Ct = Cg + (t0 + t) * sCl + h0 * sCn;
         const VF* at = a + t * N + h0;
         const VF* hp = hs + t * N + h0;
         VF* dBt = dBv + (t0 + t) * N + h0;
         const VF dyt = dy[t], dtut = dtu[t], dtt = dt[t];
         VF sb = sgB[t], sq = sqA[t];
         for (int n = 0; n < H; ++n) {
-          const VF gn = gc[n] + dyt * Ct[n];
+          const VF gn = gc[n] + dyt * Ct[n * sCn];
           dBt[n] += gn * dtut;
-          sb += gn * Bt[n];
+          sb += gn * Bt[n * sBn];
           const VF q = gn * hp[n] * at[n];  // gradient w.r.t. dt * A[n]
           sq += q * ar[n];
           da[n] += q * dtt;
@@ -966,8 +1006,8 @@ void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int
       dbias += ddt;
       dt[t] = ddt;
     }
-    store(tmp, t0, nt, gr.du);
-    store(dt, t0, nt, gr.ddelta);
+    store(tmp, gr.du, gr.sdu, gr.add_du, raw, t0, nt);  // raw is free by now
+    store(dt, gr.ddelta, gr.sddelta, false, nullptr, t0, nt);
   }
   for (int c = 0; c < lanes; ++c) {
     for (int n = 0; n < N; ++n) gr.dA_rows[(row0 + c) * N + n] = dA[n][c];
@@ -1248,15 +1288,41 @@ bool valid(int64_t batch, int64_t dim, int64_t len, int64_t nstate, int64_t grou
       const T* bias, const T* dout, const T* dlast, T* du, T* ddelta, T* dz, T* dA_rows, T* dB_part,      \
       T* dC_part, T* dD_rows, T* dbias_rows, int64_t batch, int64_t dim, int64_t len, int64_t nstate,     \
       int64_t groups, int64_t slices, int softplus, int nthreads) {                                        \
-    const Scan<T> s{u, delta, A, B, C, D, z, bias, batch, dim, len, nstate, groups, softplus != 0};       \
-    const Grads<T> gr{dout, dlast, du, ddelta, dz, dA_rows, dB_part, dC_part, dD_rows, dbias_rows, slices}; \
+    Scan<T> s{u, delta, A, B, C, D, z, bias, batch, dim, len, nstate, groups, softplus != 0};             \
+    Grads<T> gr{dout, dlast, du, ddelta, dz, dA_rows, dB_part, dC_part, dD_rows, dbias_rows, slices};       \
     if (!valid(batch, dim, len, nstate, groups, nthreads) || slices < 1 || slices > dim / groups)          \
       return -2;                                                                                          \
+    set_contiguous_strides(s, gr);                                                                        \
     return backward_dispatch(s, gr, nthreads);                                                            \
   }
 
 SS_DEFINE(f32, float)
 SS_DEFINE(f64, double)
+
+// The float32, N = 16 backward on strided views (backward_block), without the last state's gradient: u,
+// delta, z, dout, du, ddelta, dz (batch, dim, L) and B, C (batch, G, N, L), strides in that order in
+// `strides` (7 x 3 + 2 x 4), any sign (a reversed direction's views start at token L - 1). add_du / add_dz
+// add into du / dz; dout is multiplied by dout_scale. The rest as ss_backward_f32. sizes: batch, dim, L,
+// N (must be 16), groups, slices.
+SS_EXPORT int ss_backward_views_f32(const float* u, const float* delta, const float* A, const float* B,
+                                    const float* C, const float* D, const float* z, const float* bias,
+                                    const float* dout, float* du, float* ddelta, float* dz, float* dA_rows,
+                                    float* dB_part, float* dC_part, float* dD_rows, float* dbias_rows,
+                                    const int64_t* sizes, const int64_t* strides, int softplus, int add_du,
+                                    int add_dz, double dout_scale, int nthreads) {
+  Scan<float> s{u, delta, A, B, C, D, z, bias, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], softplus != 0};
+  Grads<float> gr{dout, nullptr, du, ddelta, dz, dA_rows, dB_part, dC_part, dD_rows, dbias_rows, sizes[5]};
+  if (!valid(s.batch, s.dim, s.len, s.nstate, s.groups, nthreads) || s.nstate != kBlockN || gr.slices < 1 ||
+      gr.slices > s.dim / s.groups)
+    return -2;
+  int64_t* const views[] = {s.su, s.sdelta, s.sz, gr.sdout, gr.sdu, gr.sddelta, gr.sdz, s.sB, s.sC};
+  for (int v = 0, k = 0; v < 9; ++v)
+    for (int i = 0; i < (v < 7 ? 3 : 4); ++i) views[v][i] = strides[k++];
+  gr.add_du = add_du != 0;
+  gr.add_dz = add_dz != 0;
+  gr.dout_scale = static_cast<float>(dout_scale);
+  return backward_impl_blocks(s, gr, nthreads);
+}
 
 // The bidirectional causal conv1d above over all (batch, token) rows; -2 for inconsistent sizes.
 SS_EXPORT int ss_bidir_conv_f32(const float* x, int64_t sxb, int64_t sxl, const float* w, const float* bias,
