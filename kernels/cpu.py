@@ -214,7 +214,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         backward = getattr(lib, f"ss_backward_{suffix}")
         backward.argtypes = [p] * 18 + [i64] * 6 + [i32, i32]
         backward.restype = i32
-    lib.ss_backward_views_f32.argtypes = [p] * 19 + [i32, i32, i32, ctypes.c_double, i32]
+    lib.ss_backward_views_f32.argtypes = [p] * 19 + [i64, i32, i32, i32, ctypes.c_double, i32]
     lib.ss_backward_views_f32.restype = i32
     lib.ss_chunk_size.restype = i32
     lib.ss_lanes.argtypes = [i32]
@@ -575,9 +575,9 @@ def cpu_multi_direction_scan(
 
     - When no gradient is needed (Vim's ``"row"`` / ``"row_reversed"``, VMamba's four), each direction is
       one call of the C++ forward on views of its block of the inputs (:func:`_scan_in_place`).
-    - With gradients, float32 inputs, N = 16 and row directions only (Vim), the same forward runs inside an
+    - With gradients, float32 inputs and N = 1 or 16 (Vim's and VMamba's), the same forward runs inside an
       autograd function whose backward is the channel-vectorised C++ backward on the same views
-      (:class:`_RowScanFunction`): no reordered, concatenated or contiguous copies either way. Low-rank
+      (:class:`_FusedScanFunction`): no reordered, concatenated or contiguous copies either way. Low-rank
       steps are projected first (:func:`~.projections.project_steps`, differentiable).
 
     Returns NotImplemented otherwise (gradients needed elsewhere, a column direction without a matching
@@ -603,24 +603,17 @@ def cpu_multi_direction_scan(
             merge,
             delta_proj_weight,
         )
-    trainable = (
-        is_eager_cpu(*tensors)
-        and A.shape[1] == _BLOCK_STATES
-        and all(d in _ROWS for d in directions)
-        and _LIBRARY.get() is not None
-    )
-    if not trainable:
+    if not (is_eager_cpu(*tensors) and A.shape[1] in _BLOCK_STATES and _LIBRARY.get() is not None):
         return NotImplemented
     if delta_proj_weight is not None:
         delta = project_steps(delta, delta_proj_weight)
-    return _RowScanFunction.apply(
-        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), directions, merge
+    return _FusedScanFunction.apply(
+        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), directions, grid_size, merge
     )
 
 
-# The fused backward's state size (ss_backward_views_f32), and the directions it walks.
-_BLOCK_STATES = 16
-_ROWS = frozenset({"row", "row_reversed"})
+# The state sizes of the fused backward (ss_backward_views_f32).
+_BLOCK_STATES = (1, 16)
 
 
 def _block(t: Tensor | None, i: int, k: int, size: int, dim: int = 1) -> Tensor | None:
@@ -692,11 +685,29 @@ def _scan_in_place(u, delta, A, B, C, D, z, delta_bias, softplus, directions, gr
 
 
 def _backward_in_place(
-    u, delta, A, B, C, D, z, delta_bias, softplus, dout, du, ddelta, dz, reverse, add_du, add_dz, dout_scale
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    z,
+    delta_bias,
+    softplus,
+    dout,
+    du,
+    ddelta,
+    dz,
+    reverse,
+    col_h,
+    add_du,
+    add_dz,
+    dout_scale,
 ):
-    """One direction's backward (ss_backward_views_f32) on views, float32 and N = 16: writes (or adds, for a
-    u or z shared with other directions) du, ddelta and dz through their views and returns
-    ``(dA, dB, dC, dD, ddelta_bias)`` for this direction (dB, dC in B's (batch, G, N, L) order)."""
+    """One direction's backward (ss_backward_views_f32) on views, float32 and N = 1 or 16: writes (or adds,
+    for a u or z shared with other directions) du, ddelta and dz through their views and returns
+    ``(dA, dB, dC, dD, ddelta_bias)`` for this direction (dB, dC in B's (batch, G, N, L) order). ``col_h``:
+    the grid height of a column direction, else 0."""
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], A.shape[1]
     threads = torch.get_num_threads()
@@ -719,6 +730,7 @@ def _backward_in_place(
         *(_ptr(t) for t in (dA_rows, dB_part, dC_part, dD_rows, dbias_rows)),
         _int64s([batch, dim, length, dstate, groups, slices]),
         _int64s([s for t in views for s in _scan_strides(t, reverse)]),
+        col_h,
         int(softplus),
         int(add_du),
         int(add_dz),
@@ -728,8 +740,10 @@ def _backward_in_place(
     _check(rc, "multi-direction backward")
 
     def states_last(part: Tensor) -> Tensor:  # (batch, G, slices, L, N) in scan order -> (batch, G, N, L)
-        summed = part.sum(2) if slices > 1 else part[:, :, 0]
-        return (summed.flip(2) if reverse else summed).transpose(-1, -2)
+        summed = (part.sum(2) if slices > 1 else part[:, :, 0]).transpose(-1, -2)
+        if col_h:  # step p visited token (p % H) * W + p // H: the (W, H) walk back to the (H, W) grid
+            summed = summed.unflatten(-1, (length // col_h, col_h)).transpose(-1, -2).flatten(-2)
+        return summed.flip(-1) if reverse else summed
 
     return (
         dA_rows.sum(0),
@@ -740,18 +754,22 @@ def _backward_in_place(
     )
 
 
-class _RowScanFunction(torch.autograd.Function):
-    """Row directions (Vim's) with autograd, float32 and N = 16: :func:`_scan_in_place` forward, and the
-    channel-vectorised C++ backward per direction on the same views (a reversed direction through views
-    with negated token strides, a shared u or z accumulated in place). The backward recomputes the states,
-    so only the inputs are saved."""
+class _FusedScanFunction(torch.autograd.Function):
+    """The row and column directions with autograd, float32 and N = 1 or 16: :func:`_scan_in_place`
+    forward, and the channel-vectorised C++ backward per direction on the same views (a reversed direction
+    through views with negated token strides, a column direction by the kernel's column walk, a shared u or
+    z accumulated in place). The backward recomputes the states, so only the inputs are saved."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool, directions: tuple, merge: str):
+    def forward(
+        ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool, directions: tuple, grid_size, merge
+    ):
         A, D, delta_bias = (None if t is None else t.contiguous() for t in (A, D, delta_bias))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        ctx.softplus, ctx.directions, ctx.merge = softplus, directions, merge
-        return _scan_in_place(u, delta, A, B, C, D, z, delta_bias, softplus, directions, None, merge, None)
+        ctx.softplus, ctx.directions, ctx.grid_size, ctx.merge = softplus, directions, grid_size, merge
+        return _scan_in_place(
+            u, delta, A, B, C, D, z, delta_bias, softplus, directions, grid_size, merge, None
+        )
 
     @staticmethod
     @once_differentiable
@@ -779,6 +797,7 @@ class _RowScanFunction(torch.autograd.Function):
                         dout[:, i] if merge == "none" else dout,
                         *(_block(t, i, k, channels) for t in (du, ddelta, dz)),
                         reverse=_REVERSED[name],
+                        col_h=ctx.grid_size[0] if name in _COLUMN else 0,
                         add_du=shared_u and i > 0,
                         add_dz=shared_z and i > 0,
                         dout_scale=1.0 / k if merge == "mean" else 1.0,
@@ -787,7 +806,7 @@ class _RowScanFunction(torch.autograd.Function):
         dA, dB, dC, dD, dbias = (
             None if p[0] is None else torch.cat(p, dim=d) for p, d in zip(zip(*parts), (0, 1, 1, 0, 0))
         )
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, None
 
 
 register_backend(

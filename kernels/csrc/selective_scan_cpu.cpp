@@ -314,6 +314,7 @@ struct Scan {
   // Element strides of u, delta, z (batch, dim, L) and B, C (batch, G, N, L) views, read by backward_block
   // (backward_row takes the contiguous layouts above).
   int64_t su[3], sdelta[3], sz[3], sB[4], sC[4];
+  int64_t col_h;  // > 0: the column walk of Fwd::col_h (backward_block only)
 };
 
 template <typename T>
@@ -830,19 +831,18 @@ void backward_row(const Scan<T>& s, const Grads<T>& gr, int64_t row, T* __restri
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The float backward for N = 16, vectorised over channels like the forward: lane c of every vector is
+// The float backward for N = 1 and 16, vectorised over channels like the forward: lane c of every vector is
 // channel d0 + c, so the readout, du, ddelta and dz need no horizontal sums, and the state, adjoint and dA
 // of a block live in vectors (two passes of 8 states, so that they and A stay in registers). Only dB and dC
-// sum over channels: each block adds into per-lane partial sums (L x N vectors per unit), reduced once per
-// unit. The steps are those of backward_row (pass 1: the state entering every chunk; pass 2, chunks in
-// reverse: recompute the chunk's states and decays, then run the adjoint through it), with the forward's
-// decays 2^(dt * A log2 e).
-constexpr int kBlockN = 16;
+// sum over channels: each block adds into per-lane partial sums (L x N vectors per unit, in scan order),
+// reduced once per unit. The steps are those of backward_row (pass 1: the state entering every chunk;
+// pass 2, chunks in reverse: recompute the chunk's states and decays, then run the adjoint through it),
+// with the forward's decays 2^(dt * A log2 e), and the forward's column walk when s.col_h > 0.
 
 // Vectors of per-thread workspace backward_block needs for sequences of length L.
-inline int64_t backward_block_workspace(int64_t L) {
+inline int64_t backward_block_workspace(int64_t L, int64_t N) {
   const int64_t chunks = (L + kChunk - 1) / kChunk;
-  return chunks * kBlockN + (2 * kChunk + 1) * kBlockN + 10 * kChunk + 2 * L * kBlockN;
+  return chunks * N + (2 * kChunk + 1) * N + 10 * kChunk + 2 * L * N;
 }
 
 inline float lane_sum(VF v) {
@@ -852,9 +852,10 @@ inline float lane_sum(VF v) {
 }
 
 // The backward of channels [d0, d0 + lanes) of batch b (lanes <= W); dBv, dCv: the unit's partial sums.
+template <int N>
 void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int64_t d0, int lanes, VF* ws,
                     VF* __restrict__ dBv, VF* __restrict__ dCv) {
-  constexpr int N = kBlockN, H = N / 2;
+  constexpr int H = N < 8 ? N : 8;
   const int64_t L = s.len, chunks = (L + kChunk - 1) / kChunk;
   const int64_t g = d0 / (s.dim / s.groups), row0 = b * s.dim + d0;
   const float* Bg = s.B + b * s.sB[0] + g * s.sB[1];
@@ -886,22 +887,34 @@ void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int
     if (s.D) Dv[c] = s.D[d0 + c];
     if (s.bias) biasv[c] = s.bias[d0 + c];
   }
-  const auto at_chunk = [&](auto* base, const int64_t* st, int64_t t0) {
-    return base + b * st[0] + d0 * st[1] + t0 * st[2];
+  const bool col = s.col_h > 0;
+  int64_t tok[kChunk];  // the token each step of the current chunk visits
+  const auto walk = [&](int64_t t0, int64_t nt) {
+    for (int64_t t = 0; t < nt; ++t)
+      tok[t] = col ? ((t0 + t) % s.col_h) * (L / s.col_h) + (t0 + t) / s.col_h : t0 + t;
   };
   const auto load = [&](const float* base, const int64_t* st, int64_t t0, int64_t nt, VF* buf) {
-    load_tile(at_chunk(base, st, t0), st[1], st[2], lanes, nt, buf);
+    const float* p = base + b * st[0] + d0 * st[1];
+    if (col)
+      gather_tile(p, st[1], st[2], lanes, nt, tok, buf);
+    else
+      load_tile(p + t0 * st[2], st[1], st[2], lanes, nt, buf);
   };
   // Writes buf (clobbered) to the view, or adds it to what the view holds (using `scratch`).
   const auto store = [&](VF* buf, float* base, const int64_t* st, bool add, VF* scratch, int64_t t0,
                          int64_t nt) {
     if (add) {
-      load_tile(at_chunk(base, st, t0), st[1], st[2], lanes, nt, scratch);
+      load(base, st, t0, nt, scratch);
       for (int64_t t = 0; t < nt; ++t) buf[t] += scratch[t];
     }
-    store_tile(buf, lanes, nt, at_chunk(base, st, t0), st[1], st[2]);
+    float* p = base + b * st[0] + d0 * st[1];
+    if (col)
+      scatter_tile(buf, lanes, nt, tok, p, st[1], st[2]);
+    else
+      store_tile(buf, lanes, nt, p + t0 * st[2], st[1], st[2]);
   };
-  const auto steps = [&](int64_t t0, int64_t nt) {  // dt, raw and dt * u of one chunk
+  const auto steps = [&](int64_t t0, int64_t nt) {  // the walk, dt, raw and dt * u of one chunk
+    walk(t0, nt);
     load(s.delta, s.sdelta, t0, nt, dt);
     load(s.u, s.su, t0, nt, uu);
     for (int64_t t = 0; t < nt; ++t) {
@@ -922,7 +935,7 @@ void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int
       VF h[H], a2[H];
       for (int n = 0; n < H; ++n) h[n] = hcur[h0 + n], a2[n] = A2[h0 + n];
       for (int64_t t = 0; t < nt; ++t) {
-        const float* Bt = Bg + (t0 + t) * sBl + h0 * sBn;
+        const float* Bt = Bg + tok[t] * sBl + h0 * sBn;
         for (int n = 0; n < H; ++n) h[n] = exp2_decay(dt[t] * a2[n]) * h[n] + dtu[t] * Bt[n * sBn];
       }
       for (int n = 0; n < H; ++n) hcur[h0 + n] = h[n];
@@ -944,8 +957,8 @@ void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int
       VF h[H], a2[H];
       for (int n = 0; n < H; ++n) h[n] = hs[h0 + n] = ckpt[c * N + h0 + n], a2[n] = A2[h0 + n];
       for (int64_t t = 0; t < nt; ++t) {
-        const float* Bt = Bg + (t0 + t) * sBl + h0 * sBn;
-        const float* Ct = Cg + (t0 + t) * sCl + h0 * sCn;
+        const float* Bt = Bg + tok[t] * sBl + h0 * sBn;
+        const float* Ct = Cg + tok[t] * sCl + h0 * sCn;
         VF acc = y[t];
         for (int n = 0; n < H; ++n) {
           const VF e = exp2_decay(dt[t] * a2[n]);
@@ -978,8 +991,8 @@ void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int
       VF gc[H], da[H], ar[H];
       for (int n = 0; n < H; ++n) gc[n] = G[h0 + n], da[n] = dA[h0 + n], ar[n] = Ar[h0 + n];
       for (int64_t t = nt - 1; t >= 0; --t) {
-        const float* Bt = Bg + (t0 + t) * sBl + h0 * sBn;
-        const float* Ct = Cg + (t0 + t) * sCl + h0 * sCn;
+        const float* Bt = Bg + tok[t] * sBl + h0 * sBn;
+        const float* Ct = Cg + tok[t] * sCl + h0 * sCn;
         const VF* at = a + t * N + h0;
         const VF* hp = hs + t * N + h0;
         VF* dBt = dBv + (t0 + t) * N + h0;
@@ -1016,12 +1029,13 @@ void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int
   }
 }
 
-// backward_impl for float and N = 16: the same work units, each a run of blocks.
+// backward_impl for float and N = 1 or 16: the same work units, each a run of blocks.
+template <int N>
 int backward_impl_blocks(const Scan<float>& s, const Grads<float>& gr, int nthreads) {
-  constexpr int W = Vec<float>::W, N = kBlockN;
+  constexpr int W = Vec<float>::W;
   const int64_t per_group = s.dim / s.groups, L = s.len;
   const int64_t units = s.batch * s.groups * gr.slices;
-  const int64_t ws_vectors = backward_block_workspace(L);
+  const int64_t ws_vectors = backward_block_workspace(L, N);
   const int nt = usable_threads(nthreads);
   int failed = 0;
 #pragma omp parallel num_threads(nt) reduction(| : failed)
@@ -1040,7 +1054,7 @@ int backward_impl_blocks(const Scan<float>& s, const Grads<float>& gr, int nthre
       VF* dCv = dBv + L * N;
       for (int64_t i = 0; i < 2 * L * N; ++i) dBv[i] = VF{};
       for (int64_t d0 = first; d0 < end; d0 += W)
-        backward_block(s, gr, b, d0, end - d0 < W ? static_cast<int>(end - d0) : W, ws, dBv, dCv);
+        backward_block<N>(s, gr, b, d0, end - d0 < W ? static_cast<int>(end - d0) : W, ws, dBv, dCv);
       float* dB = gr.dB_part + unit * L * N;
       float* dC = gr.dC_part + unit * L * N;
       for (int64_t i = 0; i < L * N; ++i) {
@@ -1123,11 +1137,11 @@ int forward_dispatch(const Fwd<float>& s, int nthreads) {
 int forward_dispatch(const Fwd<double>& s, int nthreads) { return forward_impl<double, 0>(s, nthreads); }
 
 // Fixed state sizes get their own compiled loops (the state then lives in registers); others run generic.
-// N = 16 runs vectorised over channels (backward_block).
+// N = 1 and 16 run vectorised over channels (backward_block).
 int backward_dispatch(const Scan<float>& s, const Grads<float>& gr, int nthreads) {
   switch (s.nstate) {
-    case 1: return backward_impl<float, 1>(s, gr, nthreads);
-    case 16: return backward_impl_blocks(s, gr, nthreads);
+    case 1: return backward_impl_blocks<1>(s, gr, nthreads);
+    case 16: return backward_impl_blocks<16>(s, gr, nthreads);
     default: return backward_impl<float, 0>(s, gr, nthreads);
   }
 }
@@ -1299,29 +1313,31 @@ bool valid(int64_t batch, int64_t dim, int64_t len, int64_t nstate, int64_t grou
 SS_DEFINE(f32, float)
 SS_DEFINE(f64, double)
 
-// The float32, N = 16 backward on strided views (backward_block), without the last state's gradient: u,
-// delta, z, dout, du, ddelta, dz (batch, dim, L) and B, C (batch, G, N, L), strides in that order in
-// `strides` (7 x 3 + 2 x 4), any sign (a reversed direction's views start at token L - 1). add_du / add_dz
-// add into du / dz; dout is multiplied by dout_scale. The rest as ss_backward_f32. sizes: batch, dim, L,
-// N (must be 16), groups, slices.
+// The float32 backward for N = 1 or 16 on strided views (backward_block), without the last state's
+// gradient: u, delta, z, dout, du, ddelta, dz (batch, dim, L) and B, C (batch, G, N, L), strides in that
+// order in `strides` (7 x 3 + 2 x 4), any sign (a reversed direction's views start at token L - 1); col_h > 0
+// walks the (col_h, L / col_h) grid column by column, as the forward. add_du / add_dz add into du / dz;
+// dout is multiplied by dout_scale. dB_part, dC_part are in scan order. The rest as ss_backward_f32.
+// sizes: batch, dim, L, N, groups, slices.
 SS_EXPORT int ss_backward_views_f32(const float* u, const float* delta, const float* A, const float* B,
                                     const float* C, const float* D, const float* z, const float* bias,
                                     const float* dout, float* du, float* ddelta, float* dz, float* dA_rows,
                                     float* dB_part, float* dC_part, float* dD_rows, float* dbias_rows,
-                                    const int64_t* sizes, const int64_t* strides, int softplus, int add_du,
-                                    int add_dz, double dout_scale, int nthreads) {
+                                    const int64_t* sizes, const int64_t* strides, int64_t col_h,
+                                    int softplus, int add_du, int add_dz, double dout_scale, int nthreads) {
   Scan<float> s{u, delta, A, B, C, D, z, bias, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], softplus != 0};
   Grads<float> gr{dout, nullptr, du, ddelta, dz, dA_rows, dB_part, dC_part, dD_rows, dbias_rows, sizes[5]};
-  if (!valid(s.batch, s.dim, s.len, s.nstate, s.groups, nthreads) || s.nstate != kBlockN || gr.slices < 1 ||
-      gr.slices > s.dim / s.groups)
+  if (!valid(s.batch, s.dim, s.len, s.nstate, s.groups, nthreads) || (s.nstate != 1 && s.nstate != 16) ||
+      gr.slices < 1 || gr.slices > s.dim / s.groups || col_h < 0 || (col_h > 0 && s.len % col_h))
     return -2;
+  s.col_h = col_h;
   int64_t* const views[] = {s.su, s.sdelta, s.sz, gr.sdout, gr.sdu, gr.sddelta, gr.sdz, s.sB, s.sC};
   for (int v = 0, k = 0; v < 9; ++v)
     for (int i = 0; i < (v < 7 ? 3 : 4); ++i) views[v][i] = strides[k++];
   gr.add_du = add_du != 0;
   gr.add_dz = add_dz != 0;
   gr.dout_scale = static_cast<float>(dout_scale);
-  return backward_impl_blocks(s, gr, nthreads);
+  return s.nstate == 1 ? backward_impl_blocks<1>(s, gr, nthreads) : backward_impl_blocks<16>(s, gr, nthreads);
 }
 
 // The bidirectional causal conv1d above over all (batch, token) rows; -2 for inconsistent sizes.

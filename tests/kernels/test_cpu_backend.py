@@ -541,28 +541,35 @@ def test_multi_direction_hook_grid_directions(chunk, case, merge):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
-# --- The fused multi-direction training path (row directions, float32, N = 16) ---------------------------
+# --- The fused multi-direction training path (float32, N = 1 and 16) -------------------------------------
 
-# (batch, C, L, G per direction, shared u/z, token-major, directions): both Vim directions, one reversed
-# direction alone, a repeated direction (a shared u and z accumulate over three directions).
+# (batch, C, L or (H, W), N, G per direction, shared u/z, token-major, directions): both Vim directions, one
+# reversed direction alone, a repeated direction (a shared u and z accumulate over three directions), and
+# VMamba's four over odd grids (column walks, forward and reversed).
 TRAIN_CASES = [
-    (2, 20, 37, 1, True, True, ("forward", "backward")),
-    (1, 40, 131, 2, False, True, ("forward", "backward")),
-    (2, 17, 1, 1, False, False, ("row_reversed",)),
-    (1, 24, 70, 1, True, False, ("row", "row_reversed", "row")),
+    (2, 20, 37, 16, 1, True, True, ("forward", "backward")),
+    (1, 40, 131, 16, 2, False, True, ("forward", "backward")),
+    (2, 17, 1, 1, 1, False, False, ("row_reversed",)),
+    (1, 24, 70, 16, 1, True, False, ("row", "row_reversed", "row")),
+    (2, 20, (7, 11), 1, 1, True, True, ("row", "col", "row_reversed", "col_reversed")),
+    (1, 18, (9, 10), 16, 1, False, False, ("col_reversed", "col")),
 ]
 
 
 @pytest.mark.parametrize("merge", ["sum", "mean", "none"])
 @pytest.mark.parametrize(
-    "case", TRAIN_CASES, ids=lambda c: "b{}-C{}-L{}-G{}-sh{:d}-tm{:d}-K{}".format(*c[:6], len(c[6]))
+    "case",
+    TRAIN_CASES,
+    ids=lambda c: "b{}-C{}-L{}-N{}-G{}-sh{:d}-tm{:d}-".format(*c[:7]) + "-".join(c[7]),
 )
 def test_multi_direction_training_matches_reference(chunk, monkeypatch, case, merge):
     """With gradients, the hook's autograd function (in-place views forward, channel-vectorised backward per
     direction) gives the float64 reference's output and every gradient, with no generic path involved."""
-    batch, channels, length, groups, shared, token_major, directions = case
+    batch, channels, size, dstate, groups, shared, token_major, directions = case
+    grid = size if isinstance(size, tuple) else None
+    length = grid[0] * grid[1] if grid else size
     k = len(directions)
-    inputs = multi_direction_inputs(batch, channels, length, 16, groups, k, shared, token_major)
+    inputs = multi_direction_inputs(batch, channels, length, dstate, groups, k, shared, token_major)
     calls = []
     real = cpu_backend._backward_in_place
     monkeypatch.setattr(cpu_backend, "_backward_in_place", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -570,7 +577,7 @@ def test_multi_direction_training_matches_reference(chunk, monkeypatch, case, me
     def run(tensors, backend):
         leaves = {n: t.detach().requires_grad_() for n, t in tensors.items() if t is not None}
         out = multi_direction_selective_scan(
-            **leaves, delta_softplus=True, directions=directions, merge=merge, backend=backend
+            **leaves, delta_softplus=True, directions=directions, grid_size=grid, merge=merge, backend=backend
         )
         upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
         grads = torch.autograd.grad((out * upstream.to(out.dtype)).sum(), list(leaves.values()))
