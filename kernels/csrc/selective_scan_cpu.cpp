@@ -12,7 +12,7 @@
 // (the reversed direction of a multi-direction scan, with no reversed copies), and the forward can add its
 // output into `out` and scale the result, which merges the directions' outputs in the same pass.
 //
-// Backward: float32 with N = 16 (backward_block, vectorised over channels like the forward) reads and
+// Backward: float32 with N = 1 or 16 (backward_block, vectorised over channels like the forward) reads and
 // writes strided views of any sign through ss_backward_views_f32 (a reversed direction with no copies), and
 // the contiguous layouts through ss_backward_f32; other N and double (backward_row, one (batch, channel)
 // row at a time, vectorised over N) take contiguous u, delta, z, dout, du, ddelta, dz (batch, dim, L), A
