@@ -143,4 +143,3 @@ def multi_direction_selective_scan(
     Cs = _per_direction(C.flatten(1, 2), k, "C", groups * C.shape[2], names, grid_size).view(C.shape)
     ys = selective_scan(us, deltas, A, Bs, Cs, D, zs, delta_bias, delta_softplus, backend=backend)
     return from_directions(ys.unflatten(1, (k, channels)), names, grid_size, merge)
-

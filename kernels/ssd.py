@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .ssd_reference import ssd_multi_direction_reference, ssd_scan_reference
 from .ssd_torch import torch_ssd_backward, torch_ssd_forward
-from .token_orders import DIRECTION_ALIASES, DIRECTIONS
+from .token_orders import DIRECTIONS, canonical_directions, check_grid
 
 __all__ = [
     "SSD_BACKEND_ENV_VAR",
@@ -102,19 +102,14 @@ def _direction_codes(directions: Sequence[str], length: int, grid_size, name: st
     """Direction names (``DIRECTIONS`` or the aliases forward/backward) -> their index in ``DIRECTIONS``."""
     if isinstance(directions, str) or len(directions) == 0:
         raise ValueError(f"{name}: directions must be a non-empty sequence of names, got {directions!r}")
-    codes = []
-    for direction in directions:
-        canonical = DIRECTION_ALIASES.get(direction, direction)
-        if canonical not in DIRECTIONS:
-            raise ValueError(
-                f"{name}: unknown direction {direction!r}; expected one of {DIRECTIONS + tuple(DIRECTION_ALIASES)}"
-            )
-        if canonical.startswith("col") and grid_size is None:
-            raise ValueError(f"{name}: direction {direction!r} needs grid_size=(H, W)")
-        codes.append(DIRECTIONS.index(canonical))
-    if grid_size is not None and (len(grid_size) != 2 or grid_size[0] * grid_size[1] != length):
-        raise ValueError(f"{name}: grid_size {tuple(grid_size)} does not have L={length} cells")
-    return codes
+    if grid_size is not None and len(grid_size) != 2:
+        raise ValueError(f"{name}: grid_size must be (H, W), got {grid_size!r}")
+    try:
+        canonical = canonical_directions(directions, grid_size)
+        check_grid(length, grid_size)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    return [DIRECTIONS.index(d) for d in canonical]
 
 
 # --- backends ------------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..token_orders import canonical_directions
+
 __all__ = [
     "DIRECTION_CODES",
     "INTERPRETED",
@@ -28,28 +30,13 @@ __all__ = [
 
 
 # A direction is two bits: bit 0 walks the H x W grid column-major, bit 1 walks the order back to front.
-# "forward"/"backward" are Vim's names for row and row_reversed over a 1-D sequence.
-DIRECTION_CODES = {
-    "row": 0,
-    "col": 1,
-    "row_reversed": 2,
-    "col_reversed": 3,
-    "forward": 0,
-    "backward": 2,
-}
+DIRECTION_CODES = {"row": 0, "col": 1, "row_reversed": 2, "col_reversed": 3}
 
 
 def direction_codes(directions: Sequence[str], grid_size: tuple[int, int] | None) -> tuple[int, ...]:
-    """The kernels' code of each direction name; a clear error for an unknown name or a missing grid."""
-    codes = []
-    for name in directions:
-        if name not in DIRECTION_CODES:
-            raise ValueError(f"unknown scan direction {name!r}; expected one of {tuple(DIRECTION_CODES)}")
-        code = DIRECTION_CODES[name]
-        if code & 1 and grid_size is None:
-            raise ValueError(f"direction {name!r} needs grid_size=(H, W) to know the grid")
-        codes.append(code)
-    return tuple(codes)
+    """The kernels' code of each direction name (aliases allowed), checked by
+    :func:`~vmamba.kernels.token_orders.canonical_directions`."""
+    return tuple(DIRECTION_CODES[name] for name in canonical_directions(directions, grid_size))
 
 
 @triton.jit

@@ -228,7 +228,7 @@ def test_bad_inputs_raise_clear_errors():
             ssd_scan(**dict(inputs, **change))
     with pytest.raises(ValueError, match="grid_size"):
         multi_direction_ssd_scan(*(inputs[k] for k in NAMES[:5]), directions=("col",))
-    with pytest.raises(ValueError, match="unknown direction"):
+    with pytest.raises(ValueError, match="unknown scan direction"):
         multi_direction_ssd_scan(*(inputs[k] for k in NAMES[:5]), directions=("diagonal",))
     with pytest.raises(ValueError, match="cells"):
         multi_direction_ssd_scan(*(inputs[k] for k in NAMES[:5]), directions=("row",), grid_size=(3, 3))
