@@ -222,6 +222,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ss_math_f32.argtypes = [i32, p, p, i64]
     lib.ss_math_f32.restype = None
     lib.ss_has_openmp.restype = i32
+    lib.ss_add_rms_norm_f32.argtypes = [p, p, p, ctypes.c_double, p, p, i64, i64, i32]
+    lib.ss_add_rms_norm_f32.restype = i32
     lib.ss_bidir_conv_f32.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, i64, i32, i32]
     lib.ss_bidir_conv_f32.restype = i32
     lib.ss_bidir_conv_backward_f32.argtypes = [p, i64, i64, p, p, p, p, p, p, p, i64, i64, i64, i64, i32, i32]
@@ -338,6 +340,31 @@ def cpu_bidirectional_conv1d_backward(
         )
     _check(rc, "bidirectional conv1d backward")
     return dx, dw_part.sum(0), None if bias is None else db_part.sum(0)
+
+
+def cpu_add_rms_norm(
+    x: Tensor | None, residual: Tensor, weight: Tensor, eps: float, want_total: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Vim's residual add and RMSNorm in the C++ library, float32, contiguous (batch, L, D) tensors, no
+    autograd (see ``vmamba.kernels.norm``): ``(rms_norm(residual + x), residual + x or None)``; x None
+    normalises ``residual`` alone. The library must be available (:func:`cpu_library_available`)."""
+    dim = residual.shape[-1]
+    normed = torch.empty_like(residual)
+    total = torch.empty_like(residual) if want_total else None
+    with _named("vmamba::cpu_add_rms_norm"):
+        rc = _LIBRARY.get().ss_add_rms_norm_f32(
+            _ptr(x),
+            residual.data_ptr(),
+            weight.data_ptr(),
+            float(eps),
+            normed.data_ptr(),
+            _ptr(total),
+            residual.numel() // dim,
+            dim,
+            torch.get_num_threads(),
+        )
+    _check(rc, "add_rms_norm")
+    return normed, total
 
 
 def cpu_library_available() -> bool:

@@ -4,13 +4,32 @@ import torch
 from torch import Tensor
 
 from . import triton as _triton
-from .eager import triton_kernels_run
+from .cpu import cpu_add_rms_norm, cpu_library_available
+from .eager import is_eager_cpu_inference, triton_kernels_run
 
 __all__ = ["add_rms_norm", "rms_norm"]
 
 
+def _cpu_runs(*tensors: Tensor) -> bool:
+    """Whether the C++ loop takes the norm: float32 CPU inference on contiguous tensors of one shape."""
+    return (
+        is_eager_cpu_inference(*tensors)
+        and all(t.is_contiguous() for t in tensors)
+        and tensors[0].dim() > 0
+        and all(t.shape == tensors[0].shape for t in tensors[:-1])
+        and tensors[-1].shape == tensors[0].shape[-1:]
+        and cpu_library_available()
+    )
+
+
+@torch.jit.ignore  # TorchScript leaves it to Python, so scripted models take the same kernels as eager ones
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """``x / sqrt(mean(x**2, -1) + eps) * weight``, computed in (at least) float32, returned in x's dtype."""
+    """``x / sqrt(mean(x**2, -1) + eps) * weight``, computed in (at least) float32, returned in x's dtype.
+
+    In float32 CPU inference (contiguous x) one loop of the C++ library; elsewhere the PyTorch ops.
+    """
+    if _cpu_runs(x, weight):
+        return cpu_add_rms_norm(None, x, weight, eps, False)[0]
     math_dtype = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(math_dtype)
     # Written out rather than F.rms_norm: torch 2.5's export specialises the batch size inside F.rms_norm.
@@ -24,9 +43,13 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tup
     Returns ``(rms_norm(residual + x), residual + x)``: the sum is formed in the residual's dtype (float32
     for Vim's residual stream) and normalised in float32; the norm comes back in the residual's dtype. On
     CUDA tensors (when Triton works, outside compile and export) one Triton kernel does both in one pass
-    (:mod:`.triton.rms_norm`); elsewhere, the PyTorch ops.
+    (:mod:`.triton.rms_norm`); in float32 CPU inference on contiguous tensors, one loop of the C++ library;
+    elsewhere, the PyTorch ops.
     """
     if triton_kernels_run(x, residual, weight):
         return _triton.triton_add_rms_norm(x, residual, weight, eps)
+    if _cpu_runs(x, residual, weight):
+        normed, total = cpu_add_rms_norm(x, residual, weight, eps, True)
+        return normed, total
     total = residual + x.to(residual.dtype)
     return rms_norm(total, weight, eps), total

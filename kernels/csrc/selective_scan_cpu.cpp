@@ -1340,6 +1340,52 @@ SS_EXPORT int ss_backward_views_f32(const float* u, const float* delta, const fl
   return s.nstate == 1 ? backward_impl_blocks<1>(s, gr, nthreads) : backward_impl_blocks<16>(s, gr, nthreads);
 }
 
+// Vim's norm with the residual add before it, for inference: over `rows` contiguous rows of `dim` floats,
+// total = residual + x (x may be null: total = residual) and normed = total / sqrt(mean(total^2) + eps) * w;
+// total_out may be null (not wanted). Vectorised over the row's channels; rows split between threads.
+// -2 for inconsistent sizes.
+SS_EXPORT int ss_add_rms_norm_f32(const float* x, const float* residual, const float* w, double eps,
+                                  float* normed, float* total_out, int64_t rows, int64_t dim, int nthreads) {
+  if (rows < 0 || dim < 1 || nthreads < 1) return -2;
+  constexpr int W = Vec<float>::W;
+  const int nt = usable_threads(nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x ? x + r * dim : nullptr;
+    const float* rr = residual + r * dim;
+    float* nr = normed + r * dim;
+    float* tr = total_out ? total_out + r * dim : nr;  // the sum goes where it is wanted, else into normed
+    VF acc{};
+    float tail = 0.0f;
+    int64_t c = 0;
+    for (; c + W <= dim; c += W) {
+      VF v, xv{};
+      std::memcpy(&v, rr + c, sizeof(VF));
+      if (xr) std::memcpy(&xv, xr + c, sizeof(VF));
+      v += xv;
+      std::memcpy(tr + c, &v, sizeof(VF));
+      acc += v * v;
+    }
+    for (; c < dim; ++c) {
+      const float v = rr[c] + (xr ? xr[c] : 0.0f);
+      tr[c] = v;
+      tail += v * v;
+    }
+    double sum = tail;
+    for (int l = 0; l < W; ++l) sum += acc[l];
+    const float scale = static_cast<float>(1.0 / std::sqrt(sum / static_cast<double>(dim) + eps));
+    for (c = 0; c + W <= dim; c += W) {
+      VF v, wv;
+      std::memcpy(&v, tr + c, sizeof(VF));
+      std::memcpy(&wv, w + c, sizeof(VF));
+      v = v * scale * wv;
+      std::memcpy(nr + c, &v, sizeof(VF));
+    }
+    for (; c < dim; ++c) nr[c] = tr[c] * scale * w[c];
+  }
+  return 0;
+}
+
 // The bidirectional causal conv1d above over all (batch, token) rows; -2 for inconsistent sizes.
 SS_EXPORT int ss_bidir_conv_f32(const float* x, int64_t sxb, int64_t sxl, const float* w, const float* bias,
                                 float* out, int64_t batch, int64_t len, int64_t channels, int64_t k,

@@ -52,3 +52,31 @@ def test_rms_norm_gradients():
     assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-5), (x, w))
     r = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, r, w: add_rms_norm(x, r, w, 1e-5), (x, r, w))
+
+
+@pytest.mark.parametrize("dim", [1, 8, 16, 37, 192])
+def test_cpu_loop_matches_float64_formula(monkeypatch, dim):
+    """float32 CPU inference runs the C++ loop (whole vectors and the remainder of a row): the same values
+    as the formula in float64, and the sum exactly; with gradients, PyTorch's ops run instead."""
+    from vmamba.kernels import cpu as cpu_backend
+    from vmamba.kernels import norm as norm_module
+
+    if not cpu_backend.cpu_library_available():
+        pytest.skip("the C++ library cannot be built here")
+    calls = []
+    real = norm_module.cpu_add_rms_norm
+    monkeypatch.setattr(norm_module, "cpu_add_rms_norm", lambda *a: calls.append(a[0] is None) or real(*a))
+    g = torch.Generator().manual_seed(dim)
+    x, residual = torch.randn(2, 7, dim, generator=g), torch.randn(2, 7, dim, generator=g) * 3
+    w = torch.randn(dim, generator=g)
+    with torch.no_grad():
+        normed, total = add_rms_norm(x, residual, w, 1e-5)
+        alone = rms_norm(residual, w, 1e-6)
+    assert calls == [False, True]
+    assert torch.equal(total, residual + x)
+    torch.testing.assert_close(normed.double(), _rms_norm64(residual + x, w, 1e-5), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(alone.double(), _rms_norm64(residual, w, 1e-6), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        rms_norm(x[:, ::2], w, 1e-5)  # not contiguous
+    add_rms_norm(x, residual, w.requires_grad_(), 1e-5)
+    assert len(calls) == 2
