@@ -1029,42 +1029,48 @@ void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int
   }
 }
 
+// Runs body(unit, ws) for units [0, n) on nt threads (one unit at a time, dynamically), each thread with its
+// own workspace `ws` of ws_vectors aligned V (malloc only promises alignment for scalar types, so one more
+// is allocated). -1 when a workspace could not be allocated.
+template <typename V, typename Body>
+int run_units(int nt, int64_t n, int64_t ws_vectors, const Body& body) {
+  int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+  {
+    void* raw = std::malloc(sizeof(V) * (ws_vectors + 1));
+    V* ws = reinterpret_cast<V*>((reinterpret_cast<uintptr_t>(raw) + sizeof(V) - 1) / sizeof(V) * sizeof(V));
+    if (!raw) failed = 1;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t unit = 0; unit < n; ++unit)
+      if (raw) body(unit, ws);
+    std::free(raw);
+  }
+  return failed ? -1 : 0;
+}
+
 // backward_impl for float and N = 1 or 16: the same work units, each a run of blocks.
 template <int N>
 int backward_impl_blocks(const Scan<float>& s, const Grads<float>& gr, int nthreads) {
   constexpr int W = Vec<float>::W;
   const int64_t per_group = s.dim / s.groups, L = s.len;
-  const int64_t units = s.batch * s.groups * gr.slices;
-  const int64_t ws_vectors = backward_block_workspace(L, N);
-  const int nt = usable_threads(nthreads);
-  int failed = 0;
-#pragma omp parallel num_threads(nt) reduction(| : failed)
-  {
-    void* raw = std::malloc(sizeof(VF) * (ws_vectors + 1));
-    VF* ws = reinterpret_cast<VF*>((reinterpret_cast<uintptr_t>(raw) + sizeof(VF) - 1) / sizeof(VF) * sizeof(VF));
-    if (!raw) failed = 1;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t unit = 0; unit < units; ++unit) {
-      if (!raw) continue;
-      const int64_t slice = unit % gr.slices, bg = unit / gr.slices;
-      const int64_t b = bg / s.groups, g = bg % s.groups;
-      const int64_t first = g * per_group + slice * per_group / gr.slices;
-      const int64_t end = g * per_group + (slice + 1) * per_group / gr.slices;
-      VF* dBv = ws + (ws_vectors - 2 * L * N);
-      VF* dCv = dBv + L * N;
-      for (int64_t i = 0; i < 2 * L * N; ++i) dBv[i] = VF{};
-      for (int64_t d0 = first; d0 < end; d0 += W)
-        backward_block<N>(s, gr, b, d0, end - d0 < W ? static_cast<int>(end - d0) : W, ws, dBv, dCv);
-      float* dB = gr.dB_part + unit * L * N;
-      float* dC = gr.dC_part + unit * L * N;
-      for (int64_t i = 0; i < L * N; ++i) {
-        dB[i] = lane_sum(dBv[i]);
-        dC[i] = lane_sum(dCv[i]);
-      }
+  const int64_t ws_vectors = backward_block_workspace(L, N), units = s.batch * s.groups * gr.slices;
+  return run_units<VF>(usable_threads(nthreads), units, ws_vectors, [&](int64_t unit, VF* ws) {
+    const int64_t slice = unit % gr.slices, bg = unit / gr.slices;
+    const int64_t b = bg / s.groups, g = bg % s.groups;
+    const int64_t first = g * per_group + slice * per_group / gr.slices;
+    const int64_t end = g * per_group + (slice + 1) * per_group / gr.slices;
+    VF* dBv = ws + (ws_vectors - 2 * L * N);
+    VF* dCv = dBv + L * N;
+    for (int64_t i = 0; i < 2 * L * N; ++i) dBv[i] = VF{};
+    for (int64_t d0 = first; d0 < end; d0 += W)
+      backward_block<N>(s, gr, b, d0, end - d0 < W ? static_cast<int>(end - d0) : W, ws, dBv, dCv);
+    float* dB = gr.dB_part + unit * L * N;
+    float* dC = gr.dC_part + unit * L * N;
+    for (int64_t i = 0; i < L * N; ++i) {
+      dB[i] = lane_sum(dBv[i]);
+      dC[i] = lane_sum(dCv[i]);
     }
-    std::free(raw);
-  }
-  return failed ? -1 : 0;
+  });
 }
 
 // Work units are (batch, group, slice): a slice is a run of blocks of one group, and there are about 4
@@ -1080,22 +1086,11 @@ int forward_impl(const Fwd<T>& s, int nthreads) {
   slices = slices < blocks ? slices : blocks;
   const int64_t per_slice = (blocks + slices - 1) / slices;
   const int64_t ws_vectors = per_slice * (2 * s.nstate + 2 + (s.dt_weight ? s.rank : 0)) + 5 * kChunk;
-  int failed = 0;
-#pragma omp parallel num_threads(nt) reduction(| : failed)
-  {
-    void* raw = std::malloc(sizeof(V) * (ws_vectors + 1));
-    // Align the workspace for V (malloc only promises alignment for scalar types).
-    V* ws = reinterpret_cast<V*>((reinterpret_cast<uintptr_t>(raw) + sizeof(V) - 1) / sizeof(V) * sizeof(V));
-    if (!raw) failed = 1;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t unit = 0; unit < pairs * slices; ++unit) {
-      const int64_t bg = unit / slices, blk0 = (unit % slices) * per_slice;
-      const int64_t blk1 = blk0 + per_slice < blocks ? blk0 + per_slice : blocks;
-      if (raw && blk0 < blk1) forward_unit<T, NS>(s, bg / s.groups, bg % s.groups, blk0, blk1, ws);
-    }
-    std::free(raw);
-  }
-  return failed ? -1 : 0;
+  return run_units<V>(nt, pairs * slices, ws_vectors, [&](int64_t unit, V* ws) {
+    const int64_t bg = unit / slices, blk0 = (unit % slices) * per_slice;
+    const int64_t blk1 = blk0 + per_slice < blocks ? blk0 + per_slice : blocks;
+    if (blk0 < blk1) forward_unit<T, NS>(s, bg / s.groups, bg % s.groups, blk0, blk1, ws);
+  });
 }
 
 // Work units are (batch, group, slice): the slice splits a group's channels so that there are enough units
