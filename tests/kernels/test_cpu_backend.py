@@ -358,6 +358,14 @@ def test_portable_builds_match_reference(chunk, monkeypatch, tmp_path, isa):
     assert_scan_close(
         run_with_grads(token_major_views(inputs), True, "cpu", upstream=want[3]), want, 1e-9, 1e-10
     )
+    # float32 runs the channel-vectorised backward, in blocks of the build's vector width.
+    for dstate in (16, 1):
+        inputs = make_inputs(2, 42, 70, dstate, 2)
+        want = run_with_grads(inputs, True, "reference")
+        got = run_with_grads(
+            {k: None if v is None else v.float() for k, v in inputs.items()}, True, "cpu", upstream=want[3]
+        )
+        assert_scan_close(got, want, 2e-5, 2e-5)
 
 
 # --- The fused multi-direction forward (the backend's ``multi_direction`` hook) --------------------------
