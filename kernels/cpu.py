@@ -214,7 +214,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         backward = getattr(lib, f"ss_backward_{suffix}")
         backward.argtypes = [p] * 18 + [i64] * 6 + [i32, i32]
         backward.restype = i32
-    lib.ss_backward_views_f32.argtypes = [p] * 19 + [i64, i32, i32, i32, ctypes.c_double, i32]
+    lib.ss_backward_views_f32.argtypes = [p] * 20 + [i64, i32, i32, i32, ctypes.c_double, i32]
     lib.ss_backward_views_f32.restype = i32
     lib.ss_chunk_size.restype = i32
     lib.ss_lanes.argtypes = [i32]
@@ -480,6 +480,34 @@ def cpu_scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_so
     f = math_dtype(u)
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], A.shape[1]
+    if f == torch.float32 and dstate in _BLOCK_STATES:  # the vectorised kernel, on the views as they are
+        uf, df, zf, Bf, Cf, dout_f = (_as(t, f) for t in (u, delta, z, B, C, dout))
+        du, ddelta = torch.empty_like(uf), torch.empty_like(df)
+        dz = None if z is None else torch.empty_like(zf)
+        dA, dB, dC, dD, dbias = _backward_in_place(
+            uf,
+            df,
+            _contig(A, f),
+            Bf,
+            Cf,
+            _contig(D, f),
+            zf,
+            _contig(delta_bias, f),
+            delta_softplus,
+            dout_f,
+            du,
+            ddelta,
+            dz,
+            reverse=False,
+            col_h=0,
+            add_du=False,
+            add_dz=False,
+            dout_scale=1.0,
+            dlast=_contig(dlast, f),
+        )
+        grads = (du, ddelta, dA, dB, dC, dD, dz, dbias)
+        inputs = (u, delta, A, B, C, D, z, delta_bias)
+        return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))
     threads = torch.get_num_threads()
     slices = _slices(batch, groups, dim // groups, threads)
     uf, df, Af, Df, zf, bf = (_contig(t, f) for t in (u, delta, A, D, z, delta_bias))
@@ -730,11 +758,13 @@ def _backward_in_place(
     add_du,
     add_dz,
     dout_scale,
+    dlast=None,
 ):
     """One direction's backward (ss_backward_views_f32) on views, float32 and N = 1 or 16: writes (or adds,
     for a u or z shared with other directions) du, ddelta and dz through their views and returns
     ``(dA, dB, dC, dD, ddelta_bias)`` for this direction (dB, dC in B's (batch, G, N, L) order). ``col_h``:
-    the grid height of a column direction, else 0."""
+    the grid height of a column direction, else 0; ``dlast``: the contiguous gradient of the last state, or
+    None."""
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], A.shape[1]
     threads = torch.get_num_threads()
@@ -752,7 +782,9 @@ def _backward_in_place(
         _ptr(D),
         None if z is None else _start(z, reverse),
         _ptr(delta_bias),
-        *(_start(t, reverse) for t in (dout, du, ddelta)),
+        _start(dout, reverse),
+        _ptr(dlast),
+        *(_start(t, reverse) for t in (du, ddelta)),
         None if dz is None else _start(dz, reverse),
         *(_ptr(t) for t in (dA_rows, dB_part, dC_part, dD_rows, dbias_rows)),
         _int64s([batch, dim, length, dstate, groups, slices]),

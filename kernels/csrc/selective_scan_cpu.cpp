@@ -1308,20 +1308,21 @@ bool valid(int64_t batch, int64_t dim, int64_t len, int64_t nstate, int64_t grou
 SS_DEFINE(f32, float)
 SS_DEFINE(f64, double)
 
-// The float32 backward for N = 1 or 16 on strided views (backward_block), without the last state's
-// gradient: u, delta, z, dout, du, ddelta, dz (batch, dim, L) and B, C (batch, G, N, L), strides in that
+// The float32 backward for N = 1 or 16 on strided views (backward_block): u, delta, z, dout, du, ddelta, dz
+// (batch, dim, L) and B, C (batch, G, N, L), strides in that
 // order in `strides` (7 x 3 + 2 x 4), any sign (a reversed direction's views start at token L - 1); col_h > 0
 // walks the (col_h, L / col_h) grid column by column, as the forward. add_du / add_dz add into du / dz;
 // dout is multiplied by dout_scale. dB_part, dC_part are in scan order. The rest as ss_backward_f32.
 // sizes: batch, dim, L, N, groups, slices.
 SS_EXPORT int ss_backward_views_f32(const float* u, const float* delta, const float* A, const float* B,
                                     const float* C, const float* D, const float* z, const float* bias,
-                                    const float* dout, float* du, float* ddelta, float* dz, float* dA_rows,
+                                    const float* dout, const float* dlast, float* du, float* ddelta, float* dz,
+                                    float* dA_rows,
                                     float* dB_part, float* dC_part, float* dD_rows, float* dbias_rows,
                                     const int64_t* sizes, const int64_t* strides, int64_t col_h,
                                     int softplus, int add_du, int add_dz, double dout_scale, int nthreads) {
   Scan<float> s{u, delta, A, B, C, D, z, bias, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], softplus != 0};
-  Grads<float> gr{dout, nullptr, du, ddelta, dz, dA_rows, dB_part, dC_part, dD_rows, dbias_rows, sizes[5]};
+  Grads<float> gr{dout, dlast, du, ddelta, dz, dA_rows, dB_part, dC_part, dD_rows, dbias_rows, sizes[5]};
   if (!valid(s.batch, s.dim, s.len, s.nstate, s.groups, nthreads) || (s.nstate != 1 && s.nstate != 16) ||
       gr.slices < 1 || gr.slices > s.dim / s.groups || col_h < 0 || (col_h > 0 && s.len % col_h))
     return -2;
