@@ -522,6 +522,34 @@ inline void scatter_tile(const V* __restrict__ buf, int lanes, int64_t nt, const
     for (int64_t t = 0; t < nt; ++t) p[c * sd + tok[t] * sl] = buf[t][c];
 }
 
+// The tokens that steps [t0, t0 + nt) of a scan over L tokens visit: in order, or (col_h > 0) along the
+// column-major walk of the row-major (col_h, L / col_h) grid, step p visiting token
+// (p % col_h) * (L / col_h) + p / col_h (VMamba's column directions; a reverse is the same walk over
+// negated strides).
+inline void walk_tokens(int64_t col_h, int64_t L, int64_t t0, int64_t nt, int64_t* tok) {
+  for (int64_t t = 0; t < nt; ++t)
+    tok[t] = col_h > 0 ? ((t0 + t) % col_h) * (L / col_h) + (t0 + t) / col_h : t0 + t;
+}
+
+// load_tile / store_tile for the steps [t0, t0 + nt) of walk_tokens: p is the view at token 0 (channel
+// stride sd, token stride sl); gather_tile / scatter_tile along a column walk (col).
+template <typename T, typename V>
+inline void load_steps(const T* p, int64_t sd, int64_t sl, int lanes, int64_t t0, int64_t nt, bool col,
+                       const int64_t* tok, V* buf) {
+  if (col)
+    gather_tile(p, sd, sl, lanes, nt, tok, buf);
+  else
+    load_tile(p + t0 * sl, sd, sl, lanes, nt, buf);
+}
+template <typename T, typename V>
+inline void store_steps(V* buf, int lanes, int64_t t0, int64_t nt, bool col, const int64_t* tok, T* p,
+                        int64_t sd, int64_t sl) {
+  if (col)
+    scatter_tile(buf, lanes, nt, tok, p, sd, sl);
+  else
+    store_tile(buf, lanes, nt, p + t0 * sl, sd, sl);
+}
+
 // The forward of blocks [blk0, blk1) of group g, batch b; a block is `W` adjacent channels (the group's
 // last one may be partial), one per SIMD lane. The loop runs over chunks of kChunk steps, and inside a
 // chunk over the blocks, so a token-major input is read row by row (the pages of a chunk's rows stay in
@@ -569,14 +597,10 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
   int64_t tok[kChunk];  // the token each step of the chunk visits
   for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
     const int64_t nt = L - t0 < kChunk ? L - t0 : kChunk;
-    for (int64_t t = 0; t < nt; ++t)
-      tok[t] = col ? ((t0 + t) % s.col_h) * (L / s.col_h) + (t0 + t) / s.col_h : t0 + t;
+    walk_tokens(s.col_h, L, t0, nt, tok);
     // Loads a (steps x lanes) tile of a (batch, dim, L) view at channel d of batch b.
     const auto tile_in = [&](const T* base, const int64_t* st, int64_t d, int lanes, V* buf) {
-      if (col)
-        gather_tile(base + b * st[0] + d * st[1], st[1], st[2], lanes, nt, tok, buf);
-      else
-        load_tile(base + b * st[0] + d * st[1] + t0 * st[2], st[1], st[2], lanes, nt, buf);
+      load_steps(base + b * st[0] + d * st[1], st[1], st[2], lanes, t0, nt, col, tok, buf);
     };
     for (int64_t k = 0; k < nblk; ++k) {
       const int64_t d0 = first_channel(k);
@@ -674,10 +698,7 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
       if (s.scale != T(1))
         for (int64_t t = 0; t < nt; ++t) y[t] *= s.scale;
       T* const out = s.out + b * s.sout[0] + d0 * s.sout[1];
-      if (col)
-        scatter_tile(y, lanes, nt, tok, out, s.sout[1], s.sout[2]);
-      else
-        store_tile(y, lanes, nt, out + t0 * s.sout[2], s.sout[1], s.sout[2]);
+      store_steps(y, lanes, t0, nt, col, tok, out, s.sout[1], s.sout[2]);
     }
   }
   for (int64_t k = 0; k < nblk; ++k) {
@@ -889,16 +910,8 @@ void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int
   }
   const bool col = s.col_h > 0;
   int64_t tok[kChunk];  // the token each step of the current chunk visits
-  const auto walk = [&](int64_t t0, int64_t nt) {
-    for (int64_t t = 0; t < nt; ++t)
-      tok[t] = col ? ((t0 + t) % s.col_h) * (L / s.col_h) + (t0 + t) / s.col_h : t0 + t;
-  };
   const auto load = [&](const float* base, const int64_t* st, int64_t t0, int64_t nt, VF* buf) {
-    const float* p = base + b * st[0] + d0 * st[1];
-    if (col)
-      gather_tile(p, st[1], st[2], lanes, nt, tok, buf);
-    else
-      load_tile(p + t0 * st[2], st[1], st[2], lanes, nt, buf);
+    load_steps(base + b * st[0] + d0 * st[1], st[1], st[2], lanes, t0, nt, col, tok, buf);
   };
   // Writes buf (clobbered) to the view, or adds it to what the view holds (using `scratch`).
   const auto store = [&](VF* buf, float* base, const int64_t* st, bool add, VF* scratch, int64_t t0,
@@ -907,14 +920,10 @@ void backward_block(const Scan<float>& s, const Grads<float>& gr, int64_t b, int
       load(base, st, t0, nt, scratch);
       for (int64_t t = 0; t < nt; ++t) buf[t] += scratch[t];
     }
-    float* p = base + b * st[0] + d0 * st[1];
-    if (col)
-      scatter_tile(buf, lanes, nt, tok, p, st[1], st[2]);
-    else
-      store_tile(buf, lanes, nt, p + t0 * st[2], st[1], st[2]);
+    store_steps(buf, lanes, t0, nt, col, tok, base + b * st[0] + d0 * st[1], st[1], st[2]);
   };
   const auto steps = [&](int64_t t0, int64_t nt) {  // the walk, dt, raw and dt * u of one chunk
-    walk(t0, nt);
+    walk_tokens(s.col_h, L, t0, nt, tok);
     load(s.delta, s.sdelta, t0, nt, dt);
     load(s.u, s.su, t0, nt, uu);
     for (int64_t t = 0; t < nt; ++t) {
