@@ -443,28 +443,44 @@ def cpu_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tup
         return torch_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     f = math_dtype(u)
     batch, dim, length = u.shape
-    groups, dstate = B.shape[1], A.shape[1]
+    dstate = A.shape[1]
     uf, df, Af, Bf, Cf, zf = (_as(t, f) for t in (u, delta, A, B, C, z))
     Df, bf = (None if t is None else _as(t, f).contiguous() for t in (D, delta_bias))
     out = torch.empty((batch, dim, length), dtype=f)
     last = torch.empty((batch, dim, dstate), dtype=f)
-    views = (uf, df, zf if zf is not None else uf, out, Bf, Cf, Af)
-    rc = _entry("forward", f)(
-        *(_ptr(t) for t in (uf, df, Af, Bf, Cf, Df, zf, bf)),
-        None,  # no low-rank step input
-        0,
-        0,  # steps in token order
-        out.data_ptr(),
+    _forward_in_place(uf, df, Af, Bf, Cf, Df, zf, bf, None, out, last, delta_softplus, False, 0, False, 1.0)
+    return _as(out, u.dtype), last
+
+
+def _forward_in_place(
+    u, delta, A, B, C, D, z, delta_bias, W, out, last, softplus, reverse, col_h, add, scale
+):
+    """One call of the C++ forward (``ss_forward_*``, u's dtype) on views: (batch, C, L) u, delta (or the
+    low-rank (batch, R, L) input with ``W`` (C, R)), z and out, (batch, G, N, L) B and C, (C, N) A; D,
+    delta_bias and W contiguous. ``reverse`` runs back to front through views with negated token strides,
+    ``col_h`` > 0 walks the grid column by column; ``add`` adds ``scale`` x the result to ``out``."""
+    batch, dim, length = u.shape
+    views = (u, delta, u if z is None else z, out, B, C)
+    rc = _entry("forward", u.dtype)(
+        *(_start(t, reverse) for t in (u, delta)),
+        A.data_ptr(),
+        *(_start(t, reverse) for t in (B, C)),
+        _ptr(D),
+        None if z is None else _start(z, reverse),
+        _ptr(delta_bias),
+        _ptr(W),
+        0 if W is None else W.shape[1],
+        col_h,
+        _start(out, reverse),
         last.data_ptr(),
-        _int64s([batch, dim, length, dstate, groups]),
-        _int64s([s for t in views for s in t.stride()]),
-        int(bool(delta_softplus)),
-        0,
-        1.0,
+        _int64s([batch, dim, length, A.shape[1], B.shape[1]]),
+        _int64s([s for t in views for s in _scan_strides(t, reverse)] + list(A.stride())),
+        int(bool(softplus)),
+        int(add),
+        scale,
         torch.get_num_threads(),
     )
     _check(rc, "forward")
-    return _as(out, u.dtype), last
 
 
 def _slices(batch: int, groups: int, per_group: int, threads: int) -> int:
@@ -704,38 +720,29 @@ def _scan_in_place(u, delta, A, B, C, D, z, delta_bias, softplus, directions, gr
     else:
         out = torch.empty((batch, slots, channels, length), dtype=f)
     last = torch.empty((batch, channels, dstate), dtype=f)  # required by the kernel, not returned
-    forward = _entry("forward", f)
-    sizes = _int64s([batch, channels, length, dstate, groups])
-    threads = torch.get_num_threads()
     with _named("vmamba::cpu_multi_direction_scan"):
         for i, name in enumerate(directions):
-            rev = _REVERSED[name]
             ui, zi = (_block(t, i, k, channels) for t in (uf, zf))
-            di = _block(df, i, k, delta.shape[1] // k)
             Bi, Ci = (_block(t, i, k, groups) for t in (Bf, Cf))
             Ai, Di, bi, Wi = (_block(t, i, k, channels, 0) for t in (Af, Df, bf, Wf))
-            oi = out[:, i if merge == "none" else 0]
-            scanned = (ui, di, zi if zi is not None else ui, oi, Bi, Ci)
-            rc = forward(
-                *(_start(t, rev) for t in (ui, di)),
-                Ai.data_ptr(),
-                *(_start(t, rev) for t in (Bi, Ci)),
-                _ptr(Di),
-                None if zi is None else _start(zi, rev),
-                _ptr(bi),
-                _ptr(Wi),
-                0 if Wi is None else Wi.shape[1],
+            _forward_in_place(
+                ui,
+                _block(df, i, k, delta.shape[1] // k),
+                Ai,
+                Bi,
+                Ci,
+                Di,
+                zi,
+                bi,
+                Wi,
+                out[:, i if merge == "none" else 0],
+                last,
+                softplus,
+                _REVERSED[name],
                 grid_size[0] if name in _COLUMN else 0,
-                _start(oi, rev),
-                last.data_ptr(),
-                sizes,
-                _int64s([s for t in scanned for s in _scan_strides(t, rev)] + list(Ai.stride())),
-                int(bool(softplus)),
-                int(merge != "none" and i > 0),
+                merge != "none" and i > 0,
                 1.0 / k if merge == "mean" and i == k - 1 else 1.0,
-                threads,
             )
-            _check(rc, "multi-direction forward")
     return _as(out if merge == "none" else out[:, 0], u.dtype)
 
 
