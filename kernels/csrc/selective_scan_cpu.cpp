@@ -13,11 +13,10 @@
 // output into `out` and scale the result, which merges the directions' outputs in the same pass.
 //
 // Backward: float32 with N = 1 or 16 (backward_block, vectorised over channels like the forward) reads and
-// writes strided views of any sign through ss_backward_views_f32 (a reversed direction with no copies), and
-// the contiguous layouts through ss_backward_f32; other N and double (backward_row, one (batch, channel)
-// row at a time, vectorised over N) take contiguous u, delta, z, dout, du, ddelta, dz (batch, dim, L), A
-// (dim, N) and B, C (batch, G, L, N) (the state index innermost so one time step's N values are
-// adjacent). Both work in chunks of kChunk steps and store nothing of size (L, N): they keep the state at
+// writes strided views of any sign through ss_backward_views_f32 (a reversed direction with no copies);
+// other N and double (ss_backward_*: backward_row, one (batch, channel) row at a time, vectorised over N)
+// take contiguous u, delta, z, dout, du, ddelta, dz (batch, dim, L), A (dim, N) and B, C (batch, G, L, N)
+// (the state index innermost so one time step's N values are adjacent). Both work in chunks of kChunk steps and store nothing of size (L, N): they keep the state at
 // every chunk start, then walk the chunks backwards, recomputing each chunk's states before running the
 // adjoint recurrence through it. Units of rows / blocks run in parallel with OpenMP when the build has it.
 
@@ -336,25 +335,6 @@ struct Grads {
   bool add_du, add_dz;
   T dout_scale;
 };
-
-// The strides of the contiguous layouts backward_row reads, for backward_block.
-template <typename T>
-void set_contiguous_strides(Scan<T>& s, Grads<T>& gr) {
-  const int64_t L = s.len, N = s.nstate;
-  for (int64_t* v : {s.su, s.sdelta, s.sz, gr.sdout, gr.sdu, gr.sddelta, gr.sdz}) {
-    v[0] = s.dim * L;
-    v[1] = L;
-    v[2] = 1;
-  }
-  for (int64_t* v : {s.sB, s.sC}) {  // (batch, G, L, N) storage as a (batch, G, N, L) view
-    v[0] = s.groups * L * N;
-    v[1] = L * N;
-    v[2] = 1;
-    v[3] = N;
-  }
-  gr.add_du = gr.add_dz = false;
-  gr.dout_scale = T(1);
-}
 
 // dt for steps [t0, t0 + n) of one row: delta (+ bias), softplus applied when asked; raw values optional.
 // (Conditions are hoisted out of the loops so that each loop vectorises.)
@@ -1140,19 +1120,11 @@ int forward_dispatch(const Fwd<float>& s, int nthreads) {
 // Double precision is for gradient checks, not speed: one generic instantiation keeps the build short.
 int forward_dispatch(const Fwd<double>& s, int nthreads) { return forward_impl<double, 0>(s, nthreads); }
 
-// Fixed state sizes get their own compiled loops (the state then lives in registers); others run generic.
-// N = 1 and 16 run vectorised over channels (backward_block).
-int backward_dispatch(const Scan<float>& s, const Grads<float>& gr, int nthreads) {
-  switch (s.nstate) {
-    case 1: return backward_impl_blocks<1>(s, gr, nthreads);
-    case 16: return backward_impl_blocks<16>(s, gr, nthreads);
-    default: return backward_impl<float, 0>(s, gr, nthreads);
-  }
-}
-
-// Double precision is for gradient checks, not speed: one generic instantiation keeps the build short.
-int backward_dispatch(const Scan<double>& s, const Grads<double>& gr, int nthreads) {
-  return backward_impl<double, 0>(s, gr, nthreads);
+// ss_backward_*: the per-row loop, one generic instantiation per type (float with N other than 1 and 16,
+// which run backward_block through ss_backward_views_f32; double for gradient checks).
+template <typename T>
+int backward_dispatch(const Scan<T>& s, const Grads<T>& gr, int nthreads) {
+  return backward_impl<T, 0>(s, gr, nthreads);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1306,11 +1278,10 @@ bool valid(int64_t batch, int64_t dim, int64_t len, int64_t nstate, int64_t grou
       const T* bias, const T* dout, const T* dlast, T* du, T* ddelta, T* dz, T* dA_rows, T* dB_part,      \
       T* dC_part, T* dD_rows, T* dbias_rows, int64_t batch, int64_t dim, int64_t len, int64_t nstate,     \
       int64_t groups, int64_t slices, int softplus, int nthreads) {                                        \
-    Scan<T> s{u, delta, A, B, C, D, z, bias, batch, dim, len, nstate, groups, softplus != 0};             \
-    Grads<T> gr{dout, dlast, du, ddelta, dz, dA_rows, dB_part, dC_part, dD_rows, dbias_rows, slices};       \
+    const Scan<T> s{u, delta, A, B, C, D, z, bias, batch, dim, len, nstate, groups, softplus != 0};       \
+    const Grads<T> gr{dout, dlast, du, ddelta, dz, dA_rows, dB_part, dC_part, dD_rows, dbias_rows, slices}; \
     if (!valid(batch, dim, len, nstate, groups, nthreads) || slices < 1 || slices > dim / groups)          \
       return -2;                                                                                          \
-    set_contiguous_strides(s, gr);                                                                        \
     return backward_dispatch(s, gr, nthreads);                                                            \
   }
 
