@@ -209,7 +209,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suffix in ("f32", "f64"):
         forward = getattr(lib, f"ss_forward_{suffix}")
-        forward.argtypes = [p] * 9 + [i64, i64] + [p] * 4 + [i32, i32, ctypes.c_double, i32]
+        forward.argtypes = [p] * 9 + [i64, i64] + [p] * 4 + [i32, i32, i32, ctypes.c_double, i32]
         forward.restype = i32
         backward = getattr(lib, f"ss_backward_{suffix}")
         backward.argtypes = [p] * 18 + [i64] * 6 + [i32, i32]
@@ -448,17 +448,18 @@ def cpu_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tup
     Df, bf = (None if t is None else _as(t, f).contiguous() for t in (D, delta_bias))
     out = torch.empty((batch, dim, length), dtype=f)
     last = torch.empty((batch, dim, dstate), dtype=f)
-    _forward_in_place(uf, df, Af, Bf, Cf, Df, zf, bf, None, out, last, delta_softplus, False, 0, False, 1.0)
+    _forward_in_place(uf, df, Af, Bf, Cf, Df, zf, bf, None, out, last, delta_softplus, False, 0, False, False, 1.0)
     return _as(out, u.dtype), last
 
 
 def _forward_in_place(
-    u, delta, A, B, C, D, z, delta_bias, W, out, last, softplus, reverse, col_h, add, scale
+    u, delta, A, B, C, D, z, delta_bias, W, out, last, softplus, reverse, col_h, add, gate_sum, scale
 ):
     """One call of the C++ forward (``ss_forward_*``, u's dtype) on views: (batch, C, L) u, delta (or the
     low-rank (batch, R, L) input with ``W`` (C, R)), z and out, (batch, G, N, L) B and C, (C, N) A; D,
     delta_bias and W contiguous. ``reverse`` runs back to front through views with negated token strides,
-    ``col_h`` > 0 walks the grid column by column; ``add`` adds ``scale`` x the result to ``out``."""
+    ``col_h`` > 0 walks the grid column by column; ``add`` adds the result to ``out``, ``gate_sum`` applies
+    the z gate to that sum instead of the result, and ``scale`` multiplies what is stored."""
     batch, dim, length = u.shape
     views = (u, delta, u if z is None else z, out, B, C)
     rc = _entry("forward", u.dtype)(
@@ -477,6 +478,7 @@ def _forward_in_place(
         _int64s([s for t in views for s in _scan_strides(t, reverse)] + list(A.stride())),
         int(bool(softplus)),
         int(add),
+        int(gate_sum),
         scale,
         torch.get_num_threads(),
     )
@@ -702,7 +704,8 @@ def _scan_in_place(u, delta, A, B, C, D, z, delta_bias, softplus, directions, gr
     reads u, delta, z, B, C and writes its output back to front without reversed copies, and a column
     direction walks the (H, W) grid column by column inside the kernel (reversed: the same walk over the
     negated strides). The first direction writes the output, later ones add into it (the last one scaling
-    by 1/K for ``merge="mean"``); ``merge="none"`` writes each direction into its own slot. The output is
+    by 1/K for ``merge="mean"``); ``merge="none"`` writes each direction into its own slot. A gate z shared
+    by the directions gates their sum, once, in the last direction's call. The output is
     token-major when u is (channels contiguous), like the inputs of Vim's mixer. With ``W`` (the low-rank
     ``delta_proj_weight``) the kernel computes each step from the low-rank input (dt_proj fused in). No
     autograd.
@@ -720,9 +723,12 @@ def _scan_in_place(u, delta, A, B, C, D, z, delta_bias, softplus, directions, gr
     else:
         out = torch.empty((batch, slots, channels, length), dtype=f)
     last = torch.empty((batch, channels, dstate), dtype=f)  # required by the kernel, not returned
+    gate_sum = zf is not None and k > 1 and merge != "none" and zf.shape[1] == channels
     with _named("vmamba::cpu_multi_direction_scan"):
         for i, name in enumerate(directions):
             ui, zi = (_block(t, i, k, channels) for t in (uf, zf))
+            if gate_sum and i < k - 1:
+                zi = None
             Bi, Ci = (_block(t, i, k, groups) for t in (Bf, Cf))
             Ai, Di, bi, Wi = (_block(t, i, k, channels, 0) for t in (Af, Df, bf, Wf))
             _forward_in_place(
@@ -741,6 +747,7 @@ def _scan_in_place(u, delta, A, B, C, D, z, delta_bias, softplus, directions, gr
                 _REVERSED[name],
                 grid_size[0] if name in _COLUMN else 0,
                 merge != "none" and i > 0,
+                gate_sum,
                 1.0 / k if merge == "mean" and i == k - 1 else 1.0,
             )
     return _as(out if merge == "none" else out[:, 0], u.dtype)

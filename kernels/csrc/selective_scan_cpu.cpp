@@ -294,6 +294,9 @@ struct Fwd {
   int64_t su[3], sdelta[3], sz[3], sout[3], sB[4], sC[4], sA[2];
   bool softplus;
   bool accumulate;  // out = (out + y) * scale instead of out = y * scale (merging directions)
+  // z gates the merged sum instead of y: out = (out + y) * silu(z) * scale. A gate shared by the directions
+  // is then computed once, by the last of them (the earlier ones run without z).
+  bool gate_sum;
   T scale;
 };
 
@@ -646,7 +649,7 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
           }
           for (int n = 0; n < 8; ++n) hs[n0 + n] = h[n];
         }
-        if (s.z)
+        if (s.z && !s.gate_sum)
           for (int64_t t = 0; t < nt; ++t) y[t] *= zz[t] * sigmoid(zz[t]);
       } else {
         V hloc[NS > 0 ? NS : 1];
@@ -666,7 +669,7 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
             h[n] = hn;
             acc += hn * Ct[n * sCn];
           }
-          y[t] = s.z ? acc * (zz[t] * sigmoid(zz[t])) : acc;
+          y[t] = s.z && !s.gate_sum ? acc * (zz[t] * sigmoid(zz[t])) : acc;
         }
         if (NS > 0)
           for (int64_t n = 0; n < N; ++n) hs[n] = h[n];
@@ -675,7 +678,9 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
         tile_in(s.out, s.sout, d0, lanes, uu);
         for (int64_t t = 0; t < nt; ++t) y[t] += uu[t];
       }
-      if (s.scale != T(1))
+      if (s.z && s.gate_sum)
+        for (int64_t t = 0; t < nt; ++t) y[t] *= zz[t] * sigmoid(zz[t]) * s.scale;
+      else if (s.scale != T(1))
         for (int64_t t = 0; t < nt; ++t) y[t] *= s.scale;
       T* const out = s.out + b * s.sout[0] + d0 * s.sout[1];
       store_steps(y, lanes, t0, nt, col, tok, out, s.sout[1], s.sout[2]);
@@ -1258,8 +1263,8 @@ bool valid(int64_t batch, int64_t dim, int64_t len, int64_t nstate, int64_t grou
   SS_EXPORT int ss_forward_##suffix(const T* u, const T* delta, const T* A, const T* B, const T* C,        \
                                     const T* D, const T* z, const T* bias, const T* dt_weight,            \
                                     int64_t rank, int64_t col_h, T* out, T* last, const int64_t* sizes,   \
-                                    const int64_t* strides, int softplus, int accumulate, double scale,   \
-                                    int nthreads) {                                                       \
+                                    const int64_t* strides, int softplus, int accumulate, int gate_sum,   \
+                                    double scale, int nthreads) {                                         \
     Fwd<T> s{u,        delta,    A,        B,        C,        D,         z,    bias, out,                 \
              last,     sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], dt_weight, rank, col_h};          \
     if ((dt_weight && rank < 1) || col_h < 0 || (col_h > 0 && s.len % col_h)) return -2;                  \
@@ -1269,6 +1274,7 @@ bool valid(int64_t batch, int64_t dim, int64_t len, int64_t nstate, int64_t grou
       for (int i = 0; i < ranks[v]; ++i) views[v][i] = strides[k++];                                     \
     s.softplus = softplus != 0;                                                                           \
     s.accumulate = accumulate != 0;                                                                       \
+    s.gate_sum = gate_sum != 0;                                                                           \
     s.scale = static_cast<T>(scale);                                                                      \
     if (!valid(s.batch, s.dim, s.len, s.nstate, s.groups, nthreads)) return -2;                           \
     return forward_dispatch(s, nthreads);                                                                 \
