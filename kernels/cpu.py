@@ -448,7 +448,9 @@ def cpu_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tup
     Df, bf = (None if t is None else _as(t, f).contiguous() for t in (D, delta_bias))
     out = torch.empty((batch, dim, length), dtype=f)
     last = torch.empty((batch, dim, dstate), dtype=f)
-    _forward_in_place(uf, df, Af, Bf, Cf, Df, zf, bf, None, out, last, delta_softplus, False, 0, False, False, 1.0)
+    _forward_in_place(
+        uf, df, Af, Bf, Cf, Df, zf, bf, None, out, last, delta_softplus, False, 0, False, False, 1.0
+    )
     return _as(out, u.dtype), last
 
 
