@@ -7,7 +7,10 @@ forward+backward of:
 
 - ``fused``: the K directions in one call (:func:`vmamba.kernels.triton.triton_multi_direction_scan`);
 - ``one``: one direction over the same K*C channels (the same call with ``directions=("row",)``; u and z
-  given per channel), the cost the fused call is held to (target: fused <= 1.3x one).
+  given per channel), the cost the fused call is held to (target: fused <= 1.3x one);
+- ``low-rank``: the fused call as the mixers make it, with ``delta_proj_weight`` (the models' dt_rank):
+  the kernels project each token's steps from the (batch, K*R, L) low-rank input, so the (batch, K*C, L)
+  steps are neither written by a GEMM nor read by the scan (reported as a ratio to ``fused``).
 
 The roofline is the time to move the bytes a pass must move at the copy bandwidth measured on this GPU
 (a device-to-device copy; bytes read + written per second): forward, u, delta, z, B, C read and y
@@ -51,6 +54,7 @@ class Shape:
     gate: bool  # silu(z) gate (Vim) or none (VMamba v2 "_noz")
     merge: str
     batch: int
+    rank: int  # the model's dt_rank (ceil(embed_dim / 16) for Vim, ceil(d_inner / 16) for SS2D)
 
     @property
     def length(self) -> int:
@@ -62,14 +66,14 @@ SS2D = ("row", "col", "row_reversed", "col_reversed")
 # Vim: d_inner = 2 * embed_dim, N = 16, z shared by both directions, directions averaged.
 # VMamba-T (vmamba_tiny_s1l8): d_inner = stage width, N = 1, four directions, no gate, summed.
 SHAPES = [
-    Shape("Vim-Ti 224", "vim", VIM, 384, 16, (1, 197), False, True, "mean", 128),
-    Shape("Vim-Ti 224", "vim", VIM, 384, 16, (1, 197), False, True, "mean", 64),
-    Shape("Vim-S 224", "vim", VIM, 768, 16, (1, 197), False, True, "mean", 128),
-    Shape("Vim-Ti 512", "vim", VIM, 384, 16, (1, 1025), False, True, "mean", 16),
-    Shape("Vim-Ti 1248", "vim", VIM, 384, 16, (1, 6085), False, True, "mean", 4),
-    Shape("Vim-Ti long", "vim", VIM, 384, 16, (1, 2048), False, True, "mean", 64),
-    Shape("VMamba-T stage 1", "vmamba", SS2D, 96, 1, (56, 56), True, False, "sum", 128),
-    Shape("VMamba-T stage 3", "vmamba", SS2D, 384, 1, (14, 14), True, False, "sum", 128),
+    Shape("Vim-Ti 224", "vim", VIM, 384, 16, (1, 197), False, True, "mean", 128, 12),
+    Shape("Vim-Ti 224", "vim", VIM, 384, 16, (1, 197), False, True, "mean", 64, 12),
+    Shape("Vim-S 224", "vim", VIM, 768, 16, (1, 197), False, True, "mean", 128, 24),
+    Shape("Vim-Ti 512", "vim", VIM, 384, 16, (1, 1025), False, True, "mean", 16, 12),
+    Shape("Vim-Ti 1248", "vim", VIM, 384, 16, (1, 6085), False, True, "mean", 4, 12),
+    Shape("Vim-Ti long", "vim", VIM, 384, 16, (1, 2048), False, True, "mean", 64, 12),
+    Shape("VMamba-T stage 1", "vmamba", SS2D, 96, 1, (56, 56), True, False, "sum", 128, 6),
+    Shape("VMamba-T stage 3", "vmamba", SS2D, 384, 1, (14, 14), True, False, "sum", 128, 24),
 ]
 
 
@@ -94,6 +98,16 @@ def make_inputs(shape: Shape, batch: int, dtype: torch.dtype, one_direction: boo
         z=token_major(batch, k * c if one_direction else c, length, dtype) if shape.gate else None,
         delta_bias=torch.rand(k * c, device=DEVICE) * 0.1,
     )
+
+
+def low_rank_inputs(shape: Shape, batch: int, dtype: torch.dtype) -> dict:
+    """:func:`make_inputs` with delta replaced by the low-rank step input (token-major (batch, L, K*R), as
+    x_proj's output slices are) and an fp32 ``delta_proj_weight`` (K*C, R)."""
+    x = make_inputs(shape, batch, dtype)
+    k, c, r = len(shape.directions), shape.channels, shape.rank
+    x["delta"] = token_major(batch, k * r, shape.length, dtype)
+    x["delta_proj_weight"] = torch.randn(k * c, r, device=DEVICE) * r**-0.5
+    return x
 
 
 def nbytes(*tensors) -> int:
@@ -167,6 +181,14 @@ def bench_shape(shape: Shape, batch: int, dtype: torch.dtype, bandwidth: float, 
         row[f"{name}_fwdbwd_over_fwd"] = both / fwd if fwd and both else None
         del x
         torch.cuda.empty_cache()
+    x = low_rank_inputs(shape, batch, dtype)
+    row["lowrank_fwd_ms"] = timed(do_bench, fused, x, backward=False)
+    row["lowrank_fwdbwd_ms"] = timed(do_bench, fused, x, backward=True)
+    del x
+    torch.cuda.empty_cache()
+    for key in ("fwd", "fwdbwd"):
+        low, full = row[f"lowrank_{key}_ms"], row[f"fused_{key}_ms"]
+        row[f"lowrank_over_fused_{key}"] = low / full if low and full else None
     if row["fused_fwd_ms"] and row["one_fwd_ms"]:
         row["fused_over_one_fwd"] = row["fused_fwd_ms"] / row["one_fwd_ms"]
     if row["fused_fwdbwd_ms"] and row["one_fwdbwd_ms"]:
@@ -183,9 +205,9 @@ def print_table(rows: list[dict], bandwidth: float, device: str) -> None:
     print(f"\n{device}, bf16 token-major activations, copy bandwidth {bandwidth / 1e9:.0f} GB/s\n")
     print(
         "| shape | batch | L | K | fused fwd ms (% roofline) | fused fwd+bwd ms (% roofline) | fwd+bwd / fwd "
-        "| one-direction fwd ms (%) | fused / one: fwd, fwd+bwd |"
+        "| one-direction fwd ms (%) | fused / one: fwd, fwd+bwd | low-rank fwd, fwd+bwd ms (/ fused) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['shape']} | {r['batch']} | {r['L']} | {r['K']} "
@@ -193,7 +215,9 @@ def print_table(rows: list[dict], bandwidth: float, device: str) -> None:
             f"| {fmt(r['fused_fwdbwd_ms'], '.3f')} ({fmt(r['fused_fwdbwd_roofline'], '.0f', 100, '%')}) "
             f"| {fmt(r['fused_fwdbwd_over_fwd'])}x "
             f"| {fmt(r['one_fwd_ms'], '.3f')} ({fmt(r['one_fwd_roofline'], '.0f', 100, '%')}) "
-            f"| {fmt(r.get('fused_over_one_fwd'))}x, {fmt(r.get('fused_over_one_fwdbwd'))}x |"
+            f"| {fmt(r.get('fused_over_one_fwd'))}x, {fmt(r.get('fused_over_one_fwdbwd'))}x "
+            f"| {fmt(r['lowrank_fwd_ms'], '.3f')}, {fmt(r['lowrank_fwdbwd_ms'], '.3f')} "
+            f"({fmt(r['lowrank_over_fused_fwd'])}x, {fmt(r['lowrank_over_fused_fwdbwd'])}x) |"
         )
     checks = [
         (
@@ -270,7 +294,15 @@ def sass_report(arch: int) -> list[dict]:
     from vmamba.kernels.triton.scan_fwd import _fwd_kernel
 
     flags = dict(
-        BLOCK_N=16, MATH=tl.float32, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_DIRS=True, EVEN_N=True
+        BLOCK_N=16,
+        MATH=tl.float32,
+        HAS_Z=True,
+        HAS_BIAS=True,
+        RANK=0,
+        BLOCK_R=1,
+        SOFTPLUS=True,
+        HAS_DIRS=True,
+        EVEN_N=True,
     )
     fwd = dict(flags, HAS_D=True, BLOCK_D=MAX_BLOCK_D, SUB=GPU_SUB)
     bwd = dict(flags, BLOCK_D=MAX_BWD_BLOCK_D, SUB=GPU_BWD_SUB)
@@ -282,6 +314,13 @@ def sass_report(arch: int) -> list[dict]:
         ),
         ("backward: checkpoints", _bwd_local_kernel, dict(bwd, LOAD_ENTRY=False, LOCAL_CARRY=False)),
         ("backward: gradients", _bwd_kernel, dict(bwd, HAS_D=True, HAS_DLAST=False, LOAD_CARRY=False)),
+        (
+            "forward, low-rank steps (R = 12)",
+            _fwd_kernel,
+            dict(
+                fwd, RANK=12, BLOCK_R=16, LOAD_ENTRY=False, STORE_OUT=True, STORE_END=False, STORE_DTSUM=False
+            ),
+        ),
     ]
     rows = []
     print(

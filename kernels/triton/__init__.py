@@ -164,5 +164,6 @@ register_backend(
         is_available,
         unavailable_reason,
         multi_direction=_kernel("triton_multi_direction_scan"),
+        multi_direction_low_rank=True,
     )
 )

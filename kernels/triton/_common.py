@@ -22,8 +22,10 @@ __all__ = [
     "direction_codes",
     "load_bc",
     "load_rows",
+    "load_step",
     "make_plan",
     "softplus",
+    "step_rows",
     "store_rows",
     "token_index",
 ]
@@ -96,6 +98,51 @@ def load_bc(ptr, valid, mask_n, EVEN_N: tl.constexpr, MATH: tl.constexpr):
     else:
         x = tl.load(ptr, mask=mask_n & valid, other=0.0)
     return x.to(MATH)
+
+
+@triton.jit
+def step_rows(
+    delta_ptr,
+    dtw_ptr,
+    batch_offset,
+    sd_c,
+    k,
+    offs_d,
+    mask_d,
+    RANK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MATH: tl.constexpr,
+):
+    """Where a program reads its channels' raw steps (before bias and softplus), for :func:`load_step`.
+
+    Without a low-rank projection (``RANK`` 0): the (BLOCK_D,) pointers of the channels' rows of delta,
+    and a placeholder weight. With one: delta holds the low-rank inputs (batch, K*RANK, L), and the result
+    is the (BLOCK_R,) pointers of this direction's RANK rows and the channels' (BLOCK_R, BLOCK_D) rows of
+    ``dtw`` (K*C, RANK), the RANK weights of a channel inside its thread (like the N states).
+    """
+    if RANK > 0:
+        rows = delta_ptr + batch_offset + (k * RANK + tl.arange(0, BLOCK_R)) * sd_c
+        weights = load_rows(dtw_ptr + offs_d * RANK, 1, mask_d, RANK, BLOCK_R, BLOCK_D, MATH)
+    else:
+        rows = delta_ptr + batch_offset + offs_d * sd_c
+        weights = tl.zeros((1, BLOCK_D), dtype=MATH)
+    return rows, weights
+
+
+@triton.jit
+def load_step(
+    rows, offset, mask_t, valid, weights, RANK: tl.constexpr, BLOCK_R: tl.constexpr, MATH: tl.constexpr
+):
+    """The raw steps of a program's channels at one token (``offset`` = token index x token stride): read
+    from delta, or (``RANK`` > 0) projected from the token's RANK low-rank inputs, ``sum_r w[r] x[r]``
+    (mamba_ssm's ``delta_proj_weight``: the (batch, K*C, L) steps are never stored)."""
+    if RANK > 0:
+        x = tl.load(rows + offset, mask=(tl.arange(0, BLOCK_R) < RANK) & valid, other=0.0).to(MATH)
+        dt = tl.sum(weights * x[:, None], axis=0)
+    else:
+        dt = tl.load(rows + offset, mask=mask_t, other=0.0).to(MATH)
+    return dt
 
 
 # Triton picks compiled or interpreted kernels when a function is decorated (``@triton.jit`` reads

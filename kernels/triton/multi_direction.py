@@ -44,6 +44,7 @@ class ScanProblem:
     u_dir_stride: int  # stride between the directions' blocks of u, 0 for a u shared by all
     z_dir_stride: int
     math_dtype: tl.dtype
+    rank: int = 0  # R > 0: delta is the (batch, K*R, L) low-rank step input, projected in the kernels
 
     @property
     def total_channels(self) -> int:
@@ -68,8 +69,9 @@ def _code_tensor(codes: tuple[int, ...], device: torch.device) -> Tensor:
     return _CODE_TENSORS[key]
 
 
-def _problem(u, delta, A, B, z, codes: tuple[int, ...], grid_size) -> tuple[ScanProblem, Plan]:
-    batch, total, length = delta.shape
+def _problem(u, delta, A, B, z, codes: tuple[int, ...], grid_size, rank: int = 0) -> tuple[ScanProblem, Plan]:
+    batch, _, length = delta.shape
+    total = A.shape[0]
     k = len(codes)
     channels = total // k
     per_group = channels // (B.shape[1] // k)
@@ -88,6 +90,7 @@ def _problem(u, delta, A, B, z, codes: tuple[int, ...], grid_size) -> tuple[Scan
         u_dir_stride=_dir_stride(u, channels),
         z_dir_stride=_dir_stride(z, channels),
         math_dtype=tl.float64 if u.dtype == torch.float64 else tl.float32,
+        rank=rank,
     )
     return problem, make_plan(batch, total, per_group, length, u.device)
 
@@ -105,15 +108,33 @@ def _params(A: Tensor, D: Tensor | None, delta_bias: Tensor | None):
     return A.contiguous(), *(t.contiguous() if t is not None else None for t in (D, delta_bias))
 
 
-def _forward(problem, plan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, want_last):
+def _forward(problem, plan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, want_last, dt_weight=None):
     """Output per direction (batch, K*C, L) in u's dtype, the last state on request, the entry states."""
     p = problem
-    out = _empty_like_layout(delta, (p.batch, p.total_channels, p.length), u.dtype)
+    out = _empty_like_layout(_full_steps_like(p, u, delta), (p.batch, p.total_channels, p.length), u.dtype)
     last = None
     if want_last:
         last = torch.empty((p.batch, p.dstate, p.total_channels), dtype=math_dtype(u), device=u.device)
-    entry = launch_forward(p, plan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, out, last)
+    entry = launch_forward(p, plan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, out, last, dt_weight)
     return out, last, entry
+
+
+def _full_steps_like(problem, u: Tensor, delta: Tensor) -> Tensor:
+    """The input whose layout the (batch, K*C, L) outputs and step gradients take: delta, or u when delta
+    is the low-rank input."""
+    return u if problem.rank else delta
+
+
+def _low_rank_grads(problem, dsteps: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of the low-rank input x (batch, K*R, L) and weight (K*C, R) from those of the projected
+    steps (batch, K*C, L), direction by direction (two batched GEMMs)."""
+    p = problem
+    dsteps = dsteps.unflatten(1, (p.directions, p.channels))
+    xs = x.unflatten(1, (p.directions, p.rank)).to(dsteps.dtype)
+    ws = weight.view(p.directions, p.channels, p.rank).to(dsteps.dtype)
+    dweight = torch.einsum("bkcl,bkrl->kcr", dsteps, xs).reshape(weight.shape).to(weight.dtype)
+    dx = torch.einsum("kcr,bkcl->bkrl", ws, dsteps).reshape(x.shape).to(x.dtype)
+    return dx, dweight
 
 
 def _backward(
@@ -133,23 +154,27 @@ def _backward(
     delta_bias,
     delta_softplus,
     entry,
+    dt_weight=None,
 ):
-    """All gradients; those of a u or z shared by the directions are summed over the directions."""
+    """All gradients; those of a u or z shared by the directions are summed over the directions. With a
+    low-rank problem the second and last are those of the low-rank input and of ``dt_weight`` (else the
+    last is None)."""
     p = problem
     f = math_dtype(u)
     shape = (p.batch, p.total_channels, p.length)
     reduce_u = p.u_dir_stride == 0 and p.directions > 1
     reduce_z = z is not None and p.z_dir_stride == 0 and p.directions > 1
     rows = p.batch * plan.n_chunks
+    steps_like = _full_steps_like(p, u, delta)
     grads = {
-        "du": _empty_like_layout(delta if reduce_u else u, shape, f if reduce_u else u.dtype),
-        "ddelta": _empty_like_layout(delta, shape, delta.dtype),
+        "du": _empty_like_layout(steps_like if reduce_u else u, shape, f if reduce_u else u.dtype),
+        "ddelta": _empty_like_layout(steps_like, shape, f if p.rank else delta.dtype),
         "dB": torch.zeros((*B.shape[:2], p.length, p.dstate), dtype=f, device=u.device),
         "dC": torch.zeros((*C.shape[:2], p.length, p.dstate), dtype=f, device=u.device),
         "dA": torch.empty((rows, p.dstate, p.total_channels), dtype=f, device=u.device),
     }
     if z is not None:
-        grads["dz"] = _empty_like_layout(delta if reduce_z else z, shape, f if reduce_z else z.dtype)
+        grads["dz"] = _empty_like_layout(steps_like if reduce_z else z, shape, f if reduce_z else z.dtype)
     if D is not None:
         grads["dD"] = torch.empty((rows, p.total_channels), dtype=f, device=u.device)
     if delta_bias is not None:
@@ -174,6 +199,7 @@ def _backward(
         delta_softplus,
         entry,
         grads,
+        dt_weight,
     )
 
     def per_direction_sum(g: Tensor, like: Tensor) -> Tensor:
@@ -185,15 +211,19 @@ def _backward(
         dz = per_direction_sum(grads["dz"], z) if reduce_z else grads["dz"]
     dD = grads["dD"].sum(0).to(D.dtype) if D is not None else None
     ddelta_bias = grads["ddelta_bias"].sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    ddelta, dweight = grads["ddelta"], None
+    if p.rank:
+        ddelta, dweight = _low_rank_grads(p, ddelta, delta, dt_weight)
     return (
         du,
-        grads["ddelta"],
+        ddelta,
         grads["dA"].sum(0).t().to(A.dtype),
         grads["dB"].transpose(2, 3).to(B.dtype),
         grads["dC"].transpose(2, 3).to(C.dtype),
         dD,
         dz,
         ddelta_bias,
+        dweight,
     )
 
 
@@ -215,7 +245,7 @@ def triton_scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta
             problem, plan, u, delta, A, B, C, None, None, delta_bias, delta_softplus, None, None
         )
     dout_strides = (dout.stride(0), dout.stride(1), dout.stride(2), 0)
-    return _backward(
+    *grads, _ = _backward(
         problem,
         plan,
         dout,
@@ -233,15 +263,19 @@ def triton_scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta
         delta_softplus,
         entry,
     )
+    return tuple(grads)
 
 
 class _MultiDirectionScan(torch.autograd.Function):
     """Autograd for the fused multi-direction scan: saves the inputs and the chunk-entry states only."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, codes, grid_size, merge):
-        problem, plan = _problem(u, delta, A, B, z, codes, grid_size)
-        ys, _, entry = _forward(problem, plan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, False)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, dt_weight, delta_softplus, codes, grid_size, merge):
+        rank = 0 if dt_weight is None else dt_weight.shape[1]
+        problem, plan = _problem(u, delta, A, B, z, codes, grid_size, rank)
+        ys, _, entry = _forward(
+            problem, plan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, False, dt_weight
+        )
         ys = ys.view(problem.batch, problem.directions, problem.channels, problem.length)
         if merge == "sum":
             out = ys.sum(1)
@@ -249,13 +283,13 @@ class _MultiDirectionScan(torch.autograd.Function):
             out = ys.mean(1)
         else:
             out = ys
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, entry)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, dt_weight, entry)
         ctx.problem, ctx.plan, ctx.merge, ctx.delta_softplus = problem, plan, merge, delta_softplus
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias, entry = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, dt_weight, entry = ctx.saved_tensors
         p = ctx.problem
         if ctx.merge == "none":
             dout_strides = (dout.stride(0), dout.stride(2), dout.stride(3), dout.stride(1))
@@ -279,6 +313,7 @@ class _MultiDirectionScan(torch.autograd.Function):
             delta_bias,
             ctx.delta_softplus,
             entry,
+            dt_weight,
         )
         return (*grads, None, None, None, None)
 
@@ -297,6 +332,7 @@ def triton_multi_direction_scan(
     directions: Sequence[str],
     grid_size: tuple[int, int] | None = None,
     merge: str = "sum",
+    delta_proj_weight: Tensor | None = None,
 ) -> Tensor:
     """K directions in one launch of the Triton kernels; semantics of ``multi_direction_selective_scan``.
 
@@ -306,7 +342,9 @@ def triton_multi_direction_scan(
     docstring); nothing is copied. Direction k reads its tokens in its own order (row, col,
     row_reversed, col_reversed over the ``grid_size`` grid; "forward"/"backward" are row and
     row_reversed) straight from these tensors, and writes its output back in storage order. ``merge``:
-    "sum", "mean" (batch, C, L) or "none" (batch, K, C, L). Gradients flow to every tensor input.
+    "sum", "mean" (batch, C, L) or "none" (batch, K, C, L). With ``delta_proj_weight`` (K*C, R), delta is
+    the low-rank step input (batch, K*R, L) and the kernels project each token's steps themselves, so the
+    (batch, K*C, L) steps are never stored in the forward. Gradients flow to every tensor input.
     """
     k = len(directions)
     if k == 0:
@@ -314,9 +352,22 @@ def triton_multi_direction_scan(
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     codes = direction_codes(directions, grid_size)
-    if delta.dim() != 3 or delta.shape[1] % k:
-        raise ValueError(f"delta must be (batch, K*C, L) with K={k}, got shape {tuple(delta.shape)}")
-    batch, total, length = delta.shape
+    if delta_proj_weight is None:
+        if delta.dim() != 3 or delta.shape[1] % k:
+            raise ValueError(f"delta must be (batch, K*C, L) with K={k}, got shape {tuple(delta.shape)}")
+        batch, total, length = delta.shape
+    else:
+        if delta_proj_weight.dim() != 2 or delta_proj_weight.shape[0] % k:
+            raise ValueError(
+                f"delta_proj_weight must be (K*C, R) with K={k}, got shape {tuple(delta_proj_weight.shape)}"
+            )
+        total, rank = delta_proj_weight.shape
+        if delta.dim() != 3 or delta.shape[1] != k * rank:
+            raise ValueError(
+                f"with delta_proj_weight of rank {rank}, delta must be (batch, K*R, L) = (batch, {k * rank}, L), "
+                f"got shape {tuple(delta.shape)}"
+            )
+        batch, _, length = delta.shape
     channels = total // k
     if grid_size is not None and grid_size[0] * grid_size[1] != length:
         raise ValueError(
@@ -346,13 +397,15 @@ def triton_multi_direction_scan(
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and t.shape != (total,):
             raise ValueError(f"{name} must be ({total},), got {tuple(t.shape)}")
-    for name, t in (("u", u), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)):
+    others = (("u", u), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias))
+    for name, t in (*others, ("delta_proj_weight", delta_proj_weight)):
         if t is not None and t.device != delta.device:
             raise ValueError(
                 f"{name} is on {t.device} but delta is on {delta.device}; put all inputs on one device"
             )
     A, D, delta_bias = _params(A, D, delta_bias)
+    dt_weight = None if delta_proj_weight is None else delta_proj_weight.contiguous()
     grid = tuple(grid_size) if grid_size is not None else None
     return _MultiDirectionScan.apply(
-        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), codes, grid, merge
+        u, delta, A, B, C, D, z, delta_bias, dt_weight, bool(delta_softplus), codes, grid, merge
     )

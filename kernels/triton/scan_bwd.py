@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import Plan, load_bc, load_rows, softplus, store_rows, token_index
+from ._common import Plan, load_bc, load_rows, load_step, softplus, step_rows, store_rows, token_index
 from .scan_fwd import kernel_flags, launch_boundary, strides
 
 __all__ = ["launch_backward"]
@@ -40,6 +40,7 @@ def _bwd_local_kernel(
     C_ptr,
     z_ptr,
     bias_ptr,
+    dtw_ptr,
     dirs_ptr,
     dout_ptr,
     entry_ptr,
@@ -86,6 +87,8 @@ def _bwd_local_kernel(
     MATH: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    RANK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     HAS_DIRS: tl.constexpr,
     EVEN_N: tl.constexpr,
@@ -111,7 +114,9 @@ def _bwd_local_kernel(
         code = 0
     ch = offs_d - k * C_dir
     u_row = u_ptr + pid_b * su_b + k * su_k + ch * su_c
-    delta_row = delta_ptr + pid_b * sd_b + offs_d * sd_c
+    delta_row, dt_weights = step_rows(
+        delta_ptr, dtw_ptr, pid_b * sd_b, sd_c, k, offs_d, mask_d, RANK, BLOCK_R, BLOCK_D, MATH
+    )
     dout_row = dout_ptr + pid_b * sg_b + k * sg_k + ch * sg_c
     if HAS_Z:
         z_row = z_ptr + pid_b * sz_b + k * sz_k + ch * sz_c
@@ -134,7 +139,7 @@ def _bwd_local_kernel(
             s = token_index(p, code, L, W, H, HAS_DIRS)
             mask_t = mask_d & valid
             u = tl.load(u_row + s * su_t, mask=mask_t, other=0.0).to(MATH)
-            dt = tl.load(delta_row + s * sd_t, mask=mask_t, other=0.0).to(MATH)
+            dt = load_step(delta_row, s * sd_t, mask_t, valid, dt_weights, RANK, BLOCK_R, MATH)
             if HAS_BIAS:
                 dt = dt + bias
             if SOFTPLUS:
@@ -156,7 +161,7 @@ def _bwd_local_kernel(
                 valid = p < stop
                 s = token_index(p, code, L, W, H, HAS_DIRS)
                 mask_t = mask_d & valid
-                dt = tl.load(delta_row + s * sd_t, mask=mask_t, other=0.0).to(MATH)
+                dt = load_step(delta_row, s * sd_t, mask_t, valid, dt_weights, RANK, BLOCK_R, MATH)
                 if HAS_BIAS:
                     dt = dt + bias
                 if SOFTPLUS:
@@ -183,6 +188,7 @@ def _bwd_kernel(
     D_ptr,
     z_ptr,
     bias_ptr,
+    dtw_ptr,
     dirs_ptr,
     dout_ptr,
     dlast_ptr,
@@ -246,6 +252,8 @@ def _bwd_kernel(
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    RANK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     HAS_DIRS: tl.constexpr,
     EVEN_N: tl.constexpr,
@@ -274,7 +282,9 @@ def _bwd_kernel(
         code = 0
     ch = offs_d - k * C_dir
     u_row = u_ptr + pid_b * su_b + k * su_k + ch * su_c
-    delta_row = delta_ptr + pid_b * sd_b + offs_d * sd_c
+    delta_row, dt_weights = step_rows(
+        delta_ptr, dtw_ptr, pid_b * sd_b, sd_c, k, offs_d, mask_d, RANK, BLOCK_R, BLOCK_D, MATH
+    )
     dout_row = dout_ptr + pid_b * sg_b + k * sg_k + ch * sg_c
     du_row = du_ptr + pid_b * sdu_b + offs_d * sdu_c
     ddelta_row = ddelta_ptr + pid_b * sdd_b + offs_d * sdd_c
@@ -313,7 +323,7 @@ def _bwd_kernel(
             s = token_index(p, code, L, W, H, HAS_DIRS)
             mask_t = mask_d & valid
             u = tl.load(u_row + s * su_t, mask=mask_t, other=0.0).to(MATH)
-            dt = tl.load(delta_row + s * sd_t, mask=mask_t, other=0.0).to(MATH)
+            dt = load_step(delta_row, s * sd_t, mask_t, valid, dt_weights, RANK, BLOCK_R, MATH)
             if HAS_BIAS:
                 dt = dt + bias
             if SOFTPLUS:
@@ -337,7 +347,7 @@ def _bwd_kernel(
                 s = token_index(p, code, L, W, H, HAS_DIRS)
                 mask_t = mask_d & valid
                 u = tl.load(u_row + s * su_t, mask=mask_t, other=0.0).to(MATH)
-                dt = tl.load(delta_row + s * sd_t, mask=mask_t, other=0.0).to(MATH)
+                dt = load_step(delta_row, s * sd_t, mask_t, valid, dt_weights, RANK, BLOCK_R, MATH)
                 if HAS_BIAS:
                     dt = dt + bias
                 if SOFTPLUS:
@@ -355,7 +365,7 @@ def _bwd_kernel(
                 mask_t = mask_d & valid
                 h = tl.sum(tl.where(slot == jr, hist, -0.0), axis=0)  # picks slot jr (adding -0.0 is exact)
                 u = tl.load(u_row + s * su_t, mask=mask_t, other=0.0).to(MATH)
-                dt_in = tl.load(delta_row + s * sd_t, mask=mask_t, other=0.0).to(MATH)
+                dt_in = load_step(delta_row, s * sd_t, mask_t, valid, dt_weights, RANK, BLOCK_R, MATH)
                 if HAS_BIAS:
                     dt_in = dt_in + bias
                 if SOFTPLUS:
@@ -422,13 +432,15 @@ def launch_backward(
     delta_softplus: bool,
     entry: Tensor | None,
     grads: dict[str, Tensor],
+    dt_weight: Tensor | None = None,
 ) -> None:
     """Run the backward for a :class:`~.multi_direction.ScanProblem`.
 
     ``dout`` is read at (batch, channel-in-direction, token, direction) strides ``dout_strides`` and
     scaled by ``dout_scale`` (a merged output gives every direction the same gradient). ``dlast`` is
     (batch, N, K*C) or None; ``entry`` the forward's chunk-entry states (None with one chunk). ``grads``
-    holds the buffers the kernels fill: ``du``, ``ddelta``, ``dz`` (batch, K*C, L), any strides; ``dB``,
+    holds the buffers the kernels fill: ``du``, ``ddelta``, ``dz`` (batch, K*C, L), any strides (``ddelta``
+    is the gradient of the projected steps when ``delta`` is low-rank, see ``launch_forward``); ``dB``,
     ``dC`` (batch, K*G, L, N) zero-filled fp32 accumulators; ``dA`` (batch * n_chunks, N, K*C); ``dD``,
     ``ddelta_bias`` (batch * n_chunks, K*C).
     """
@@ -473,6 +485,7 @@ def launch_backward(
         C,
         z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy,
+        dt_weight if dt_weight is not None else dummy,
         p.dirs,
         dout,
         entry if entry is not None else dummy,
@@ -499,6 +512,7 @@ def launch_backward(
         D if D is not None else dummy,
         z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy,
+        dt_weight if dt_weight is not None else dummy,
         p.dirs,
         dout,
         dlast if dlast is not None else dummy,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import Plan, load_bc, load_rows, softplus, store_rows, token_index
+from ._common import Plan, load_bc, load_rows, load_step, softplus, step_rows, store_rows, token_index
 
 __all__ = ["kernel_flags", "launch_boundary", "launch_forward"]
 
@@ -37,6 +37,7 @@ def _fwd_kernel(
     D_ptr,
     z_ptr,
     bias_ptr,
+    dtw_ptr,
     dirs_ptr,
     out_ptr,
     entry_ptr,
@@ -80,6 +81,8 @@ def _fwd_kernel(
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    RANK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     HAS_DIRS: tl.constexpr,
     EVEN_N: tl.constexpr,
@@ -113,7 +116,9 @@ def _fwd_kernel(
 
     ch = offs_d - k * C_dir  # channel inside the direction: u and z may be shared by all directions
     u_row = u_ptr + pid_b * su_b + k * su_k + ch * su_c
-    delta_row = delta_ptr + pid_b * sd_b + offs_d * sd_c
+    delta_row, dt_weights = step_rows(
+        delta_ptr, dtw_ptr, pid_b * sd_b, sd_c, k, offs_d, mask_d, RANK, BLOCK_R, BLOCK_D, MATH
+    )
     out_row = out_ptr + pid_b * so_b + offs_d * so_c
     if HAS_Z:
         z_row = z_ptr + pid_b * sz_b + k * sz_k + ch * sz_c
@@ -135,7 +140,7 @@ def _fwd_kernel(
             s = token_index(p, code, L, W, H, HAS_DIRS)
             mask_t = mask_d & valid
             u = tl.load(u_row + s * su_t, mask=mask_t, other=0.0).to(MATH)
-            dt = tl.load(delta_row + s * sd_t, mask=mask_t, other=0.0).to(MATH)
+            dt = load_step(delta_row, s * sd_t, mask_t, valid, dt_weights, RANK, BLOCK_R, MATH)
             if HAS_BIAS:
                 dt = dt + bias
             if SOFTPLUS:
@@ -220,6 +225,8 @@ def kernel_flags(problem, plan: Plan, D, z, delta_bias, delta_softplus) -> dict:
         "HAS_D": D is not None,
         "HAS_Z": z is not None,
         "HAS_BIAS": delta_bias is not None,
+        "RANK": problem.rank,
+        "BLOCK_R": triton.next_power_of_2(max(problem.rank, 1)),
         "SOFTPLUS": bool(delta_softplus),
         "HAS_DIRS": problem.has_dirs,
         "EVEN_N": problem.dstate == triton.next_power_of_2(problem.dstate),
@@ -262,10 +269,13 @@ def launch_forward(
     delta_softplus: bool,
     out: Tensor | None,
     last: Tensor | None,
+    dt_weight: Tensor | None = None,
 ) -> Tensor | None:
     """Run the forward for a :class:`~.multi_direction.ScanProblem`; return the chunk-entry states.
 
-    ``out`` (batch, K*C, L), any strides, and ``last`` (batch, N, K*C) are written when given. With more
+    ``out`` (batch, K*C, L), any strides, and ``last`` (batch, N, K*C) are written when given. With a
+    low-rank problem (``problem.rank`` > 0), ``delta`` is the (batch, K*R, L) low-rank step input and
+    ``dt_weight`` the contiguous (K*C, R) projection (mamba_ssm's ``delta_proj_weight``). With more
     than one chunk the states entering each chunk, (batch, n_chunks, N, K*C) in the math dtype, are
     returned (the backward starts from them); with one chunk, None (the entry state is zero).
     """
@@ -284,6 +294,7 @@ def launch_forward(
             D if D is not None else dummy,
             z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy,
+            dt_weight if dt_weight is not None else dummy,
             p.dirs,
             out_t,
             entry,

@@ -328,6 +328,76 @@ def test_multi_direction_bfloat16_token_major():
         assert_close(grads[name], ref_grads[name], torch.bfloat16, f"d{name}")
 
 
+def _low_rank(inputs, k, rank, seed=7):
+    """``inputs`` with delta replaced by a low-rank step input (batch, K*R, L), and the (K*C, R) weight."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, total, length = inputs["delta"].shape
+    x = torch.randn(batch, k * rank, length, generator=gen, dtype=torch.float64).to(inputs["delta"].dtype)
+    weight = 0.5 * torch.randn(total, rank, generator=gen, dtype=torch.float64)
+    return dict(inputs, delta=x, delta_proj_weight=weight.to(inputs["A"].dtype))
+
+
+LOW_RANK_CASES = [
+    # (batch, C, grid, N, R, directions, merge, shared u): Vim's pair over two chunks, VMamba's four
+    (2, 4, (1, 13), 4, 3, ("forward", "backward"), "mean", False),
+    (1, 4, (3, 5), 16, 2, ("row", "col", "row_reversed", "col_reversed"), "sum", True),
+]
+
+
+@interpreter
+@pytest.mark.parametrize("case", LOW_RANK_CASES, ids=lambda c: f"K{len(c[5])}-R{c[4]}-{c[6]}")
+def test_multi_direction_low_rank_steps(case, monkeypatch):
+    """delta_proj_weight projected inside the kernels: the output and every gradient (low-rank input and
+    weight included) against the reference scan of the projected steps, with no projection run outside."""
+    from vmamba.kernels import directions as directions_module
+
+    batch, channels, grid, dstate, rank, directions, merge, shared_u = case
+    k = len(directions)
+    inputs = _direction_inputs(batch, channels, grid[0] * grid[1], dstate, 1, k, shared_u, True)
+    inputs = _low_rank(inputs, k, rank)
+    kwargs = dict(directions=directions, grid_size=grid, merge=merge)
+    ref_out, ref_grads = run_directions(
+        inputs, lambda **kw: multi_direction_selective_scan(**kw, backend="reference"), **kwargs
+    )
+
+    def no_projection(*args):
+        raise AssertionError("the steps were projected outside the kernels")
+
+    monkeypatch.setattr(directions_module, "project_steps", no_projection)
+    out, grads = run_directions(
+        inputs, lambda **kw: multi_direction_selective_scan(**kw, backend="triton"), **kwargs
+    )
+    assert_close(out, ref_out, torch.float64, "out")
+    assert set(grads) == set(ref_grads) and "delta_proj_weight" in grads
+    for name in grads:
+        assert grads[name].shape == inputs[name].shape
+        assert_close(grads[name], ref_grads[name], torch.float64, f"d{name}")
+
+
+@interpreter
+def test_multi_direction_low_rank_bfloat16_token_major():
+    """Vim's mixer as it calls the scan on a GPU: bf16 token-major activations and low-rank steps,
+    float32 parameters."""
+    inputs = _direction_inputs(1, 8, 11, 4, 1, 2, False, True, dtype=torch.bfloat16)
+    inputs = _low_rank(inputs, 2, 3)
+    for name in ("u", "delta", "z"):
+        inputs[name] = token_major(inputs[name])
+    for name in ("A", "D", "delta_bias", "delta_proj_weight"):
+        inputs[name] = inputs[name].float()
+    kwargs = dict(directions=("forward", "backward"), merge="mean")
+    out, grads = run_directions(inputs, triton_multi_direction_scan, **kwargs)
+    ref_out, ref_grads = run_directions(
+        inputs,
+        lambda **kw: multi_direction_selective_scan(**kw, backend="reference"),
+        to=torch.float64,
+        **kwargs,
+    )
+    assert out.dtype == torch.bfloat16 and grads["delta_proj_weight"].dtype == torch.float32
+    assert_close(out, ref_out, torch.bfloat16, "out")
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], torch.bfloat16, f"d{name}")
+
+
 @interpreter
 def test_multi_direction_without_grad_saves_nothing():
     inputs = _direction_inputs(1, 4, 6, 4, 1, 2, True, True)
@@ -364,6 +434,19 @@ def test_multi_direction_argument_errors(kwargs, match):
     inputs = _direction_inputs(1, 4, 12, 4, 1, 2, True, True)
     with pytest.raises(ValueError, match=match):
         triton_multi_direction_scan(**inputs, **kwargs)
+
+
+def test_multi_direction_low_rank_shape_errors():
+    inputs = _low_rank(_direction_inputs(1, 4, 12, 4, 1, 2, True, True), 2, 3)
+    with pytest.raises(ValueError, match="delta_proj_weight must be"):
+        triton_multi_direction_scan(
+            **dict(inputs, delta_proj_weight=inputs["delta_proj_weight"][:7]),
+            directions=("forward", "backward"),
+        )
+    with pytest.raises(ValueError, match=r"delta must be \(batch, K\*R, L\)"):
+        triton_multi_direction_scan(
+            **dict(inputs, delta=inputs["delta"][:, :5]), directions=("forward", "backward")
+        )
 
 
 def test_multi_direction_shape_errors():
@@ -583,6 +666,8 @@ def test_kernels_compile_for_sm90():
         MATH=tl.float32,
         HAS_Z=True,
         HAS_BIAS=True,
+        RANK=0,
+        BLOCK_R=1,
         SOFTPLUS=True,
         HAS_DIRS=True,
         EVEN_N=True,
@@ -595,6 +680,11 @@ def test_kernels_compile_for_sm90():
     assert _compile_for_sm90(_boundary_kernel, boundary, "bf16")
     assert _compile_for_sm90(_bwd_local_kernel, dict(flags, LOAD_ENTRY=True, LOCAL_CARRY=True), "bf16")
     assert _compile_for_sm90(_bwd_kernel, dict(flags, HAS_D=True, HAS_DLAST=True, LOAD_CARRY=True), "bf16")
+    # Steps projected from low-rank inputs (Vim-Ti's rank 12), as the mixers call the scan.
+    low_rank = dict(flags, RANK=12, BLOCK_R=16)
+    assert _compile_for_sm90(_fwd_kernel, dict(low_rank, **fwd), "bf16")
+    assert _compile_for_sm90(_bwd_local_kernel, dict(low_rank, LOAD_ENTRY=True, LOCAL_CARRY=True), "bf16")
+    assert _compile_for_sm90(_bwd_kernel, dict(low_rank, HAS_D=True, HAS_DLAST=True, LOAD_CARRY=True), "bf16")
 
 
 @pytest.mark.slow
