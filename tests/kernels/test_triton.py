@@ -777,6 +777,30 @@ def test_gpu_multi_direction(case):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("case", LOW_RANK_CASES, ids=lambda c: f"K{len(c[5])}-R{c[4]}-{c[6]}")
+def test_gpu_multi_direction_low_rank(case):
+    batch, channels, grid, dstate, rank, directions, merge, shared_u = case
+    grid = (grid[0] * 7, grid[1] * 5)
+    k = len(directions)
+    inputs = _direction_inputs(
+        batch, channels * 8, grid[0] * grid[1], dstate, 1, k, shared_u, True, dtype=torch.float32
+    )
+    inputs = {n: v.cuda() for n, v in _low_rank(inputs, k, rank).items()}
+    kwargs = dict(directions=directions, grid_size=grid, merge=merge)
+    out, grads = run_directions(inputs, triton_multi_direction_scan, **kwargs)
+    ref_out, ref_grads = run_directions(
+        inputs,
+        lambda **kw: multi_direction_selective_scan(**kw, backend="reference"),
+        to=torch.float64,
+        **kwargs,
+    )
+    assert_close(out, ref_out, torch.float32, "out")
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], torch.float32, f"d{name}")
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_bidirectional_conv1d(dtype):
     check_conv(4, 1025, 384, 4, dtype, True, True, device="cuda")
