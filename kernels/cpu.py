@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from .backends import ScanBackend, register_backend
 from .eager import is_eager_cpu
-from .projections import project_steps
+from .projections import project_steps, project_steps_backward
 from .reference import math_dtype
 from .token_orders import MERGES
 from .torch_scan import torch_scan_backward, torch_scan_forward
@@ -653,7 +653,7 @@ def cpu_multi_direction_scan(
     - With gradients, float32 inputs and N = 1 or 16 (Vim's and VMamba's), the same forward runs inside an
       autograd function whose backward is the channel-vectorised C++ backward on the same views
       (:class:`_FusedScanFunction`): no reordered, concatenated or contiguous copies either way. Low-rank
-      steps are projected first (:func:`~.projections.project_steps`, differentiable).
+      steps are projected in the forward's kernel too; only the backward projects them (a transient).
 
     Returns NotImplemented otherwise (gradients needed elsewhere, a column direction without a matching
     grid_size, other dtypes, empty or inconsistent inputs): the caller then runs its generic path, which
@@ -680,10 +680,20 @@ def cpu_multi_direction_scan(
         )
     if not (is_eager_cpu(*tensors) and A.shape[1] in _BLOCK_STATES and _LIBRARY.get() is not None):
         return NotImplemented
-    if delta_proj_weight is not None:
-        delta = project_steps(delta, delta_proj_weight)
     return _FusedScanFunction.apply(
-        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), directions, grid_size, merge
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        delta_proj_weight,
+        bool(delta_softplus),
+        directions,
+        grid_size,
+        merge,
     )
 
 
@@ -833,23 +843,24 @@ class _FusedScanFunction(torch.autograd.Function):
     """The row and column directions with autograd, float32 and N = 1 or 16: :func:`_scan_in_place`
     forward, and the channel-vectorised C++ backward per direction on the same views (a reversed direction
     through views with negated token strides, a column direction by the kernel's column walk, a shared u or
-    z accumulated in place). The backward recomputes the states, so only the inputs are saved."""
+    z accumulated in place). The backward recomputes the states, so only the inputs are saved: with low-rank
+    steps (``W``, the ``delta_proj_weight``) the low-rank input, not the (batch, K*C, L) steps, which the
+    backward projects again for as long as it runs."""
 
     @staticmethod
     def forward(
-        ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool, directions: tuple, grid_size, merge
+        ctx, u, delta, A, B, C, D, z, delta_bias, W, softplus: bool, directions: tuple, grid_size, merge
     ):
-        A, D, delta_bias = (None if t is None else t.contiguous() for t in (A, D, delta_bias))
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        A, D, delta_bias, W = (None if t is None else t.contiguous() for t in (A, D, delta_bias, W))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, W)
         ctx.softplus, ctx.directions, ctx.grid_size, ctx.merge = softplus, directions, grid_size, merge
-        return _scan_in_place(
-            u, delta, A, B, C, D, z, delta_bias, softplus, directions, grid_size, merge, None
-        )
+        return _scan_in_place(u, delta, A, B, C, D, z, delta_bias, softplus, directions, grid_size, merge, W)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout: Tensor):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        u, low_rank, A, B, C, D, z, delta_bias, W = ctx.saved_tensors
+        delta = low_rank if W is None else project_steps(low_rank, W)
         directions, merge = ctx.directions, ctx.merge
         k = len(directions)
         channels, groups = A.shape[0] // k, B.shape[1] // k
@@ -881,7 +892,10 @@ class _FusedScanFunction(torch.autograd.Function):
         dA, dB, dC, dD, dbias = (
             None if p[0] is None else torch.cat(p, dim=d) for p, d in zip(zip(*parts), (0, 1, 1, 0, 0))
         )
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, None
+        dW = None
+        if W is not None:
+            ddelta, dW = project_steps_backward(ddelta, low_rank, W)
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, dW, None, None, None, None
 
 
 register_backend(

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .eager import is_eager_cpu_inference
 
-__all__ = ["block_diagonal", "per_direction_linear", "project_steps"]
+__all__ = ["block_diagonal", "per_direction_linear", "project_steps", "project_steps_backward"]
 
 
 def block_diagonal(weights: Tensor) -> Tensor:
@@ -51,3 +51,18 @@ def project_steps(delta: Tensor, weight: Tensor) -> Tensor:
     x = delta.transpose(1, 2).reshape(batch * length, k, rank).transpose(0, 1)  # (K, batch*L, R)
     steps = per_direction_linear(x, weight.reshape(k, -1, rank))  # (batch*L, K*C)
     return steps.view(batch, length, -1).transpose(1, 2)
+
+
+def project_steps_backward(dsteps: Tensor, delta: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`project_steps`'s low-rank input (batch, K*R, L) and (K*C, R) weight from the
+    gradient of its steps (batch, K*C, L), direction by direction (two batched GEMMs in dsteps' dtype): for
+    the fused scans that project the steps inside their kernels and write the steps' gradient."""
+    rank = weight.shape[1]
+    k = delta.shape[1] // rank
+    channels = weight.shape[0] // k
+    ds = dsteps.unflatten(1, (k, channels))
+    xs = delta.unflatten(1, (k, rank)).to(ds.dtype)
+    ws = weight.reshape(k, channels, rank).to(ds.dtype)
+    dweight = torch.einsum("bkcl,bkrl->kcr", ds, xs).reshape(weight.shape).to(weight.dtype)
+    ddelta = torch.einsum("kcr,bkcl->bkrl", ws, ds).reshape(delta.shape).to(delta.dtype)
+    return ddelta, dweight

@@ -18,6 +18,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from ..projections import project_steps_backward
 from ..reference import math_dtype
 from ..token_orders import MERGES
 from ._common import Plan, direction_codes, make_plan
@@ -125,18 +126,6 @@ def _full_steps_like(problem, u: Tensor, delta: Tensor) -> Tensor:
     return u if problem.rank else delta
 
 
-def _low_rank_grads(problem, dsteps: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of the low-rank input x (batch, K*R, L) and weight (K*C, R) from those of the projected
-    steps (batch, K*C, L), direction by direction (two batched GEMMs)."""
-    p = problem
-    dsteps = dsteps.unflatten(1, (p.directions, p.channels))
-    xs = x.unflatten(1, (p.directions, p.rank)).to(dsteps.dtype)
-    ws = weight.view(p.directions, p.channels, p.rank).to(dsteps.dtype)
-    dweight = torch.einsum("bkcl,bkrl->kcr", dsteps, xs).reshape(weight.shape).to(weight.dtype)
-    dx = torch.einsum("kcr,bkcl->bkrl", ws, dsteps).reshape(x.shape).to(x.dtype)
-    return dx, dweight
-
-
 def _backward(
     problem,
     plan,
@@ -213,7 +202,7 @@ def _backward(
     ddelta_bias = grads["ddelta_bias"].sum(0).to(delta_bias.dtype) if delta_bias is not None else None
     ddelta, dweight = grads["ddelta"], None
     if p.rank:
-        ddelta, dweight = _low_rank_grads(p, ddelta, delta, dt_weight)
+        ddelta, dweight = project_steps_backward(ddelta, delta, dt_weight)
     return (
         du,
         ddelta,

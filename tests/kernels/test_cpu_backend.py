@@ -600,19 +600,25 @@ def test_multi_direction_training_matches_reference(chunk, monkeypatch, case, me
         torch.testing.assert_close(got[name].double(), want[name], rtol=2e-5, atol=2e-5 * scale, msg=name)
 
 
-def test_multi_direction_training_low_rank_steps(chunk):
-    """Low-rank steps with gradients: projected (differentiably) before the fused function; the weight and
-    the low-rank input get the reference's gradients."""
+def test_multi_direction_training_low_rank_steps(chunk, monkeypatch):
+    """Low-rank steps with gradients: projected inside the forward's kernel (the fused function saves the
+    low-rank input) and once more, transiently, by its backward; the weight and the low-rank input get the
+    reference's gradients."""
     inputs, weight = low_rank_inputs(2, 20, chunk + 7, 16, 12)
     leaves64 = {n: t.detach().requires_grad_() for n, t in {**inputs, "delta_proj_weight": weight}.items()}
     leaves32 = {n: t.detach().float().requires_grad_() for n, t in leaves64.items()}
+    projections = []
+    real = cpu_backend.project_steps
+    monkeypatch.setattr(cpu_backend, "project_steps", lambda *args: projections.append(1) or real(*args))
     outs = []
     for leaves, backend in ((leaves64, "reference"), (leaves32, "cpu")):
         out = multi_direction_selective_scan(
             **leaves, delta_softplus=True, directions=("forward", "backward"), merge="mean", backend=backend
         )
+        assert not projections  # the CPU forward projected the steps in its kernel
         out.sum().backward()
         outs.append(out)
+    assert len(projections) == 1  # the CPU backward's transient steps
     torch.testing.assert_close(outs[1].double(), outs[0], rtol=2e-5, atol=2e-5)
     for name, t in leaves64.items():
         scale = max(1.0, t.grad.abs().max().item())
