@@ -14,10 +14,10 @@ from torch import Tensor
 
 from . import triton as _triton
 
-__all__ = ["is_eager_cpu", "is_eager_cpu_inference", "triton_kernels_run"]
+__all__ = ["is_eager_cpu", "is_eager_cpu_inference", "is_tracing", "triton_kernels_run"]
 
 
-def _tracing() -> bool:
+def is_tracing() -> bool:
     """Whether a tracer (TorchScript, ONNX export), ``torch.compile`` or ``torch.export`` is running."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
@@ -30,7 +30,7 @@ def is_eager_cpu(*tensors: Tensor | None, dtype: torch.dtype = torch.float32) ->
         return False
     if any(t.device.type != "cpu" or t.dtype != dtype for t in present):
         return False
-    return not _tracing()
+    return not is_tracing()
 
 
 def is_eager_cpu_inference(*tensors: Tensor | None, dtype: torch.dtype = torch.float32) -> bool:
@@ -50,4 +50,4 @@ def triton_kernels_run(*tensors: Tensor | None) -> bool:
         isinstance(t, Tensor) and t.is_cuda and t.dtype != torch.float64 for t in present
     ):
         return False
-    return not _tracing() and _triton.is_available(present[0].device)
+    return not is_tracing() and _triton.is_available(present[0].device)

@@ -1,0 +1,133 @@
+"""Selective recomputation (vmamba.layers.recompute) and its use in Vim's mixer."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import weakref
+
+import pytest
+import torch
+
+import vmamba.layers.mamba_mixer as mixer_module
+from vmamba.layers import BiMambaMixer
+from vmamba.layers.recompute import recompute_in_backward
+
+
+def _toy(x: torch.Tensor, w: torch.Tensor, recompute: bool, calls: list | None = None):
+    """u = silu(x) * 2 consumed by two ops that save it (a matmul and a mul); u recomputed or kept."""
+
+    def make_u():
+        if calls is not None:
+            calls.append(1)
+        return torch.nn.functional.silu(x) * 2
+
+    u = make_u()
+    ref = weakref.ref(u)
+    with recompute_in_backward(u, make_u) if recompute else contextlib.nullcontext():
+        y = (u @ w).sum() + (u * u.transpose(0, 1).contiguous().transpose(0, 1)).sum()
+    return y, ref
+
+
+def test_gradients_equal_and_the_tensor_is_not_kept():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for recompute in (False, True):
+        calls = []
+        y, ref = _toy(x, w, recompute, calls)
+        gc.collect()
+        # Kept alive by the saved tensors of the graph only when not recomputed.
+        assert (ref() is None) == recompute
+        grads.append(torch.autograd.grad(y, (x, w)))
+        # Recomputed once in the backward, for both consumers.
+        assert len(calls) == (2 if recompute else 1)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_retain_graph_backward_twice():
+    x = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    y, _ = _toy(x, w, True)
+    first = torch.autograd.grad(y, (x, w), retain_graph=True)
+    second = torch.autograd.grad(y, (x, w))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_mismatched_recompute_is_an_error():
+    x = torch.randn(4, 4, requires_grad=True)
+    u = x * 2
+    with recompute_in_backward(u, lambda: (x * 2)[:2]):
+        y = (u * u).sum()
+    with pytest.raises(RuntimeError, match="recomputed tensor is"):
+        y.backward()
+
+
+def test_nothing_happens_without_a_gradient():
+    x = torch.randn(3, 3)
+    u = x * 2
+    with recompute_in_backward(u, lambda: pytest.fail("recompute must not run")):
+        y = u * 3
+    torch.testing.assert_close(y, x * 6)
+
+
+def test_recompute_runs_under_the_forwards_autocast():
+    seen = []
+    x = torch.randn(8, 8, requires_grad=True)
+    w = torch.randn(8, 8, requires_grad=True)
+
+    def make_u():
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return x @ w  # bfloat16 under CPU autocast
+
+    with torch.autocast("cpu", torch.bfloat16):
+        u = make_u()
+        with recompute_in_backward(u, make_u):
+            y = (u * u).float().sum()  # mul saves u itself (bfloat16)
+    y.backward()
+    assert seen == [True, True] and x.grad is not None
+
+
+def _mixer_grads(mixer, hidden, recompute: bool):
+    real = mixer_module.recompute_in_backward
+    if not recompute:
+        mixer_module.recompute_in_backward = lambda tensor, fn: contextlib.nullcontext()
+    outputs = []
+    real_conv = BiMambaMixer._conv
+
+    def conv(self, x, out):
+        u = real_conv(self, x, out)
+        outputs.append(weakref.ref(u))
+        return u
+
+    try:
+        BiMambaMixer._conv = conv
+        mixer.zero_grad(set_to_none=True)
+        h = hidden.detach().requires_grad_()
+        y = mixer(h)
+        gc.collect()
+        kept = outputs[0]() is not None
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    finally:
+        BiMambaMixer._conv = real_conv
+        mixer_module.recompute_in_backward = real
+    grads = {n: p.grad for n, p in mixer.named_parameters()}
+    return kept, h.grad, grads, len(outputs)
+
+
+def test_vim_mixer_recomputes_its_convolution_output():
+    """Training keeps no (B, L, 2E) convolution output per mixer: the backward recomputes it (one more
+    convolution), and every gradient is the same as with the output kept."""
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(32)
+    hidden = torch.randn(2, 37, 32)
+    kept, dh, grads, convs = _mixer_grads(mixer, hidden, recompute=True)
+    assert not kept and convs == 2
+    kept_ref, dh_ref, grads_ref, convs_ref = _mixer_grads(mixer, hidden, recompute=False)
+    assert kept_ref and convs_ref == 1
+    torch.testing.assert_close(dh, dh_ref, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=0, atol=0, msg=name)

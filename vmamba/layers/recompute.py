@@ -1,0 +1,110 @@
+"""Selective recomputation: autograd keeps a recipe for one activation instead of the activation itself.
+
+The activations of a Mamba mixer that are cheap to compute but large (the causal convolution's output,
+(batch, L, 2E)) need not stay in memory from the forward to the backward: the consumers that save them for
+their gradients (x_proj's GEMM, the scan) can get them recomputed when their backward runs. mamba_ssm's
+``mamba_inner_fn`` does this by default (``checkpoint_lvl=1``) with a hand-written backward; here the
+same effect comes from :func:`torch.autograd.graph.saved_tensors_hooks`, so every backend's own autograd
+is used unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from vmamba.kernels.eager import is_tracing
+
+__all__ = ["recompute_in_backward"]
+
+
+class _Recipe:
+    """What autograd saves instead of a view of the recomputed tensor: the view's geometry, and the shared
+    state of :func:`recompute_in_backward` (the recompute function and the recomputed value)."""
+
+    __slots__ = ("offset", "shape", "state", "stride")
+
+    def __init__(self, state: dict, view: Tensor) -> None:
+        self.state = state
+        self.shape, self.stride, self.offset = view.shape, view.stride(), view.storage_offset()
+
+
+@contextlib.contextmanager
+def recompute_in_backward(tensor: Tensor, recompute: Callable[[], Tensor]) -> Iterator[None]:
+    """Inside the block, autograd saves ``tensor`` (and every view of it) as a recipe: the backward calls
+    ``recompute()`` (once per backward, shared by all the views; under the autocast state of the forward)
+    and reads the views from its result, so ``tensor`` is not kept alive by the ops of the block.
+
+    ``recompute`` must return a tensor equal to ``tensor``: same values, shape, dtype, device and
+    (contiguous) layout; a mismatch raises a RuntimeError in the backward. Nothing happens (the block runs
+    as usual) when no gradient is being recorded for ``tensor``, when it is not a contiguous tensor that
+    owns its whole storage, or when a tracer, compiler or exporter is running. Double backward through the
+    recomputed tensor is not supported (it is recomputed without a graph).
+    """
+    if not _applies(tensor):
+        yield
+        return
+    kind = tensor.device.type
+    state = {
+        "recompute": recompute,
+        "value": None,
+        "pending": 0,  # recipes packed and not yet unpacked: the value is dropped after the last
+        "autocast": (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)),
+        "expected": (tensor.shape, tensor.dtype, tensor.device),
+    }
+    # The hooks live as long as what they saved: they must not hold ``tensor`` itself. Matching by address
+    # is safe: the caller holds ``tensor`` for the whole block, so no other tensor can have its storage.
+    address, dtype, device = tensor.untyped_storage().data_ptr(), tensor.dtype, tensor.device
+
+    def pack(saved: Tensor):
+        if (
+            isinstance(saved, Tensor)
+            and saved.device == device
+            and saved.dtype == dtype
+            and saved.untyped_storage().data_ptr() == address
+        ):
+            state["pending"] += 1
+            return _Recipe(state, saved)
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+        yield
+
+
+def _applies(tensor: Tensor) -> bool:
+    return (
+        isinstance(tensor, Tensor)
+        and torch.is_grad_enabled()
+        and tensor.requires_grad
+        and not is_tracing()
+        and tensor.is_contiguous()
+        and tensor.storage_offset() == 0
+        and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    )
+
+
+def _unpack(saved):
+    if not isinstance(saved, _Recipe):
+        return saved
+    state = saved.state
+    value = state["value"]
+    if value is None:
+        enabled, dtype = state["autocast"]
+        device = state["expected"][2].type
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            value = state["recompute"]()
+        if (value.shape, value.dtype, value.device) != state["expected"] or not value.is_contiguous():
+            raise RuntimeError(
+                "recompute_in_backward: the recomputed tensor is "
+                f"{tuple(value.shape)} {value.dtype} on {value.device}"
+                f"{'' if value.is_contiguous() else ' (not contiguous)'}, but the forward saved a contiguous "
+                f"{tuple(state['expected'][0])} {state['expected'][1]} on {state['expected'][2]}"
+            )
+        state["value"] = value
+    state["pending"] -= 1
+    if state["pending"] <= 0:
+        state["value"] = None  # every saved view has been read: let the recomputed tensor go
+    return value.as_strided(saved.shape, saved.stride, saved.offset)
