@@ -265,6 +265,24 @@ def run_directions(inputs, fn, to=None, **kwargs):
     return out, {k: v.grad for k, v in leaves.items() if v is not None}
 
 
+def _reference_scan(**kwargs):
+    return multi_direction_selective_scan(**kwargs, backend="reference")
+
+
+def check_directions(inputs, fn, dtype, to=None, **kwargs):
+    """``fn``'s output and every input gradient against the reference backend's on the same inputs (run in
+    ``to`` precision, first), with ``dtype``'s tolerance; returns ``fn``'s output and gradients."""
+    ref_out, ref_grads = run_directions(inputs, _reference_scan, to=to, **kwargs)
+    out, grads = run_directions(inputs, fn, **kwargs)
+    assert out.shape == ref_out.shape
+    assert_close(out, ref_out, dtype, "out")
+    assert set(grads) == set(ref_grads)
+    for name in grads:
+        assert grads[name].shape == inputs[name].shape
+        assert_close(grads[name], ref_grads[name], dtype, f"d{name}")
+    return out, grads
+
+
 DIRECTION_CASES = [
     # (batch, C, grid, N, G, directions, merge, shared u, shared z)
     (1, 4, (3, 5), 4, 1, ("row", "col", "row_reversed", "col_reversed"), "sum", True, None),  # SS2D, no z
@@ -295,16 +313,7 @@ def test_multi_direction_matches_reference(case):
         z=shared_z is not None,
     )
     kwargs = dict(directions=directions, grid_size=grid, merge=merge)
-    out, grads = run_directions(inputs, triton_multi_direction_scan, **kwargs)
-    ref_out, ref_grads = run_directions(
-        inputs, lambda **kw: multi_direction_selective_scan(**kw, backend="reference"), **kwargs
-    )
-    assert out.shape == ref_out.shape
-    assert_close(out, ref_out, torch.float64, "out")
-    assert set(grads) == set(ref_grads)
-    for name in grads:
-        assert grads[name].shape == inputs[name].shape
-        assert_close(grads[name], ref_grads[name], torch.float64, f"d{name}")
+    check_directions(inputs, triton_multi_direction_scan, torch.float64, **kwargs)
 
 
 @interpreter
@@ -314,18 +323,11 @@ def test_multi_direction_bfloat16_token_major():
     for name in ("u", "delta", "z"):
         inputs[name] = token_major(inputs[name])
     kwargs = dict(directions=("row", "col", "row_reversed", "col_reversed"), grid_size=(3, 4), merge="sum")
-    out, grads = run_directions(inputs, triton_multi_direction_scan, **kwargs)
-    ref_out, ref_grads = run_directions(
-        inputs,
-        lambda **kw: multi_direction_selective_scan(**kw, backend="reference"),
-        to=torch.float64,
-        **kwargs,
+    out, grads = check_directions(
+        inputs, triton_multi_direction_scan, torch.bfloat16, torch.float64, **kwargs
     )
     assert out.dtype == torch.bfloat16
     assert grads["delta"].stride(1) == 1 and grads["z"].stride(1) == 1
-    assert_close(out, ref_out, torch.bfloat16, "out")
-    for name in grads:
-        assert_close(grads[name], ref_grads[name], torch.bfloat16, f"d{name}")
 
 
 def _low_rank(inputs, k, rank, seed=7):
@@ -356,22 +358,17 @@ def test_multi_direction_low_rank_steps(case, monkeypatch):
     inputs = _direction_inputs(batch, channels, grid[0] * grid[1], dstate, 1, k, shared_u, True)
     inputs = _low_rank(inputs, k, rank)
     kwargs = dict(directions=directions, grid_size=grid, merge=merge)
-    ref_out, ref_grads = run_directions(
-        inputs, lambda **kw: multi_direction_selective_scan(**kw, backend="reference"), **kwargs
-    )
+
+    def triton_only(**kw):
+        with monkeypatch.context() as patch:
+            patch.setattr(directions_module, "project_steps", no_projection)
+            return multi_direction_selective_scan(**kw, backend="triton")
 
     def no_projection(*args):
         raise AssertionError("the steps were projected outside the kernels")
 
-    monkeypatch.setattr(directions_module, "project_steps", no_projection)
-    out, grads = run_directions(
-        inputs, lambda **kw: multi_direction_selective_scan(**kw, backend="triton"), **kwargs
-    )
-    assert_close(out, ref_out, torch.float64, "out")
-    assert set(grads) == set(ref_grads) and "delta_proj_weight" in grads
-    for name in grads:
-        assert grads[name].shape == inputs[name].shape
-        assert_close(grads[name], ref_grads[name], torch.float64, f"d{name}")
+    _, grads = check_directions(inputs, triton_only, torch.float64, **kwargs)
+    assert "delta_proj_weight" in grads
 
 
 @interpreter
@@ -385,17 +382,10 @@ def test_multi_direction_low_rank_bfloat16_token_major():
     for name in ("A", "D", "delta_bias", "delta_proj_weight"):
         inputs[name] = inputs[name].float()
     kwargs = dict(directions=("forward", "backward"), merge="mean")
-    out, grads = run_directions(inputs, triton_multi_direction_scan, **kwargs)
-    ref_out, ref_grads = run_directions(
-        inputs,
-        lambda **kw: multi_direction_selective_scan(**kw, backend="reference"),
-        to=torch.float64,
-        **kwargs,
+    out, grads = check_directions(
+        inputs, triton_multi_direction_scan, torch.bfloat16, torch.float64, **kwargs
     )
     assert out.dtype == torch.bfloat16 and grads["delta_proj_weight"].dtype == torch.float32
-    assert_close(out, ref_out, torch.bfloat16, "out")
-    for name in grads:
-        assert_close(grads[name], ref_grads[name], torch.bfloat16, f"d{name}")
 
 
 @interpreter
@@ -763,16 +753,7 @@ def test_gpu_multi_direction(case):
     )
     inputs = {k: None if v is None else v.cuda() for k, v in inputs.items()}
     kwargs = dict(directions=directions, grid_size=grid, merge=merge)
-    out, grads = run_directions(inputs, triton_multi_direction_scan, **kwargs)
-    ref_out, ref_grads = run_directions(
-        inputs,
-        lambda **kw: multi_direction_selective_scan(**kw, backend="reference"),
-        to=torch.float64,
-        **kwargs,
-    )
-    assert_close(out, ref_out, torch.float32, "out")
-    for name in grads:
-        assert_close(grads[name], ref_grads[name], torch.float32, f"d{name}")
+    check_directions(inputs, triton_multi_direction_scan, torch.float32, torch.float64, **kwargs)
 
 
 @pytest.mark.gpu
@@ -787,16 +768,7 @@ def test_gpu_multi_direction_low_rank(case):
     )
     inputs = {n: v.cuda() for n, v in _low_rank(inputs, k, rank).items()}
     kwargs = dict(directions=directions, grid_size=grid, merge=merge)
-    out, grads = run_directions(inputs, triton_multi_direction_scan, **kwargs)
-    ref_out, ref_grads = run_directions(
-        inputs,
-        lambda **kw: multi_direction_selective_scan(**kw, backend="reference"),
-        to=torch.float64,
-        **kwargs,
-    )
-    assert_close(out, ref_out, torch.float32, "out")
-    for name in grads:
-        assert_close(grads[name], ref_grads[name], torch.float32, f"d{name}")
+    check_directions(inputs, triton_multi_direction_scan, torch.float32, torch.float64, **kwargs)
 
 
 @pytest.mark.gpu
