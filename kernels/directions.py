@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .backends import resolve_backend
-from .projections import project_steps
+from .projections import check_low_rank_steps, project_steps
 from .selective_scan import selective_scan
 from .token_orders import MERGES, canonical_directions, check_grid, from_directions, to_direction_order
 
@@ -88,16 +88,7 @@ def multi_direction_selective_scan(
     check_grid(u.shape[-1], grid_size)
     names = canonical_directions(directions, grid_size)
     if delta_proj_weight is not None:
-        if delta_proj_weight.dim() != 2 or delta_proj_weight.shape[0] % k:
-            raise ValueError(
-                f"delta_proj_weight must be (K*C, R) with K={k}, got shape {tuple(delta_proj_weight.shape)}"
-            )
-        rank = delta_proj_weight.shape[1]
-        if delta.dim() != 3 or delta.shape[1] != k * rank:
-            raise ValueError(
-                f"with delta_proj_weight of rank {rank}, delta must be (batch, K*R, L) = (batch, {k * rank}, L), "
-                f"got shape {tuple(delta.shape)}"
-            )
+        check_low_rank_steps(delta, delta_proj_weight, k)
     if delta.dim() != 3 or delta.shape[1] % k:
         raise ValueError(f"delta must be (batch, K*C, L) with K={k}, got shape {tuple(delta.shape)}")
     if B.dim() != 4 or C.dim() != 4 or B.shape[1] % k or C.shape[1] % k:

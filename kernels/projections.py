@@ -6,7 +6,13 @@ from torch import Tensor
 
 from .eager import is_eager_cpu_inference
 
-__all__ = ["block_diagonal", "per_direction_linear", "project_steps", "project_steps_backward"]
+__all__ = [
+    "block_diagonal",
+    "check_low_rank_steps",
+    "per_direction_linear",
+    "project_steps",
+    "project_steps_backward",
+]
 
 
 def block_diagonal(weights: Tensor) -> Tensor:
@@ -39,6 +45,20 @@ def per_direction_linear(x: Tensor, weights: Tensor) -> Tensor:
         torch.bmm(x, weights.transpose(1, 2), out=out.view(m, k, out_features).transpose(0, 1))
         return out
     return F.linear(x.permute(1, 0, 2).reshape(m, k * in_features), block_diagonal(weights))
+
+
+def check_low_rank_steps(delta: Tensor, weight: Tensor, k: int) -> int:
+    """Raise ValueError unless ``weight`` is (K*C, R) and ``delta`` the (batch, K*R, L) low-rank step input
+    of K directions; return R."""
+    if weight.dim() != 2 or weight.shape[0] % k:
+        raise ValueError(f"delta_proj_weight must be (K*C, R) with K={k}, got shape {tuple(weight.shape)}")
+    rank = weight.shape[1]
+    if delta.dim() != 3 or delta.shape[1] != k * rank:
+        raise ValueError(
+            f"with delta_proj_weight of rank {rank}, delta must be (batch, K*R, L) = (batch, {k * rank}, L), "
+            f"got shape {tuple(delta.shape)}"
+        )
+    return rank
 
 
 def project_steps(delta: Tensor, weight: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from ..projections import project_steps_backward
+from ..projections import check_low_rank_steps, project_steps_backward
 from ..reference import math_dtype
 from ..token_orders import MERGES
 from ._common import Plan, direction_codes, make_plan
@@ -346,16 +346,8 @@ def triton_multi_direction_scan(
             raise ValueError(f"delta must be (batch, K*C, L) with K={k}, got shape {tuple(delta.shape)}")
         batch, total, length = delta.shape
     else:
-        if delta_proj_weight.dim() != 2 or delta_proj_weight.shape[0] % k:
-            raise ValueError(
-                f"delta_proj_weight must be (K*C, R) with K={k}, got shape {tuple(delta_proj_weight.shape)}"
-            )
-        total, rank = delta_proj_weight.shape
-        if delta.dim() != 3 or delta.shape[1] != k * rank:
-            raise ValueError(
-                f"with delta_proj_weight of rank {rank}, delta must be (batch, K*R, L) = (batch, {k * rank}, L), "
-                f"got shape {tuple(delta.shape)}"
-            )
+        check_low_rank_steps(delta, delta_proj_weight, k)
+        total = delta_proj_weight.shape[0]
         batch, _, length = delta.shape
     channels = total // k
     if grid_size is not None and grid_size[0] * grid_size[1] != length:
