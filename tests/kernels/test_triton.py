@@ -389,6 +389,35 @@ def test_multi_direction_low_rank_bfloat16_token_major():
 
 
 @interpreter
+def test_bench_scan_cuda_dry_run(monkeypatch, capsys):
+    """``benchmarks/bench_scan_cuda.py`` builds its rows and table end to end (tiny shapes, CPU tensors
+    under the interpreter, one call per timing), so a GPU session does not find it broken."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_scan_cuda.py"
+    spec = importlib.util.spec_from_file_location("bench_scan_cuda", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_scan_cuda", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def do_bench(fn, grad_to_none=None):
+        fn()
+        return 1.0
+
+    shapes = [
+        bench.Shape("vim", "vim", bench.VIM, 8, 4, (1, 13), False, True, "mean", 2, 3),
+        bench.Shape("ss2d", "vmamba", bench.SS2D, 8, 1, (3, 5), True, False, "sum", 1, 2),
+    ]
+    rows = [bench.bench_shape(s, s.batch, torch.float32, 1e12, do_bench) for s in shapes]
+    bench.print_table(rows, 1e12, "dry run")
+    assert all(r["lowrank_over_fused_fwd"] == 1.0 and r["fused_over_one_fwdbwd"] == 1.0 for r in rows)
+    assert "low-rank fwd, fwd+bwd ms" in capsys.readouterr().out
+
+
+@interpreter
 def test_multi_direction_without_grad_saves_nothing():
     inputs = _direction_inputs(1, 4, 6, 4, 1, 2, True, True)
     with torch.no_grad():
