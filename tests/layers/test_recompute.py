@@ -74,6 +74,36 @@ def test_nothing_happens_without_a_gradient():
     torch.testing.assert_close(y, x * 6)
 
 
+@pytest.mark.parametrize("outer", ["hooks", "checkpoint"])
+def test_outer_saved_tensor_hooks_keep_control(outer):
+    """Inside another saved-tensor hooks context (as torch.utils.checkpoint's, which timm's grad
+    checkpointing uses) nothing is recomputed here: the outer hooks see every saved tensor, u included."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    calls, seen = [], []
+
+    def block(x):
+        y, ref = _toy(x, w, True, calls)
+        seen.append(ref)
+        return y
+
+    if outer == "hooks":
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            y = block(x)
+        gc.collect()
+        assert seen[0]() is not None  # saved as a tensor through the outer hooks
+    else:
+        y = checkpoint(block, x, use_reentrant=False)
+    grads = torch.autograd.grad(y, (x, w))
+    # The forward ran once (twice under checkpoint, which reruns it); never as this module's recompute.
+    assert len(calls) == (1 if outer == "hooks" else 2)
+    want = torch.autograd.grad(_toy(x, w, False)[0], (x, w))
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_recompute_runs_under_the_forwards_autocast():
     seen = []
     x = torch.randn(8, 8, requires_grad=True)

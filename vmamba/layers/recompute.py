@@ -42,7 +42,9 @@ def recompute_in_backward(tensor: Tensor, recompute: Callable[[], Tensor]) -> It
     (contiguous) layout; a mismatch raises a RuntimeError in the backward. Nothing happens (the block runs
     as usual) when no gradient is being recorded for ``tensor``, when it is not a contiguous tensor that
     owns its whole storage, or when a tracer, compiler or exporter is running. Double backward through the
-    recomputed tensor is not supported (it is recomputed without a graph).
+    recomputed tensor is not supported (it is recomputed without a graph). Nothing happens either inside
+    another saved-tensor hooks context (``torch.utils.checkpoint``'s, as timm's ``set_grad_checkpointing``
+    uses it, or ``save_on_cpu``): those own what is saved, and the block's tensors would escape them.
     """
     if not _applies(tensor):
         yield
@@ -83,7 +85,23 @@ def _applies(tensor: Tensor) -> bool:
         and tensor.is_contiguous()
         and tensor.storage_offset() == 0
         and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        and not _saved_tensor_hooks_active()
     )
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether default saved-tensor hooks are in force here: a tensor saved now already has hooks, so
+    registering others on it fails (documented behaviour of ``SavedTensor.register_hooks``)."""
+    probe = torch.empty(0, requires_grad=True).exp()  # exp saves its result
+    try:
+        probe.grad_fn._raw_saved_result.register_hooks(_identity, _identity)
+    except RuntimeError:
+        return True
+    return False
+
+
+def _identity(x):
+    return x
 
 
 def _unpack(saved):
