@@ -10,7 +10,11 @@ forward+backward of:
   given per channel), the cost the fused call is held to (target: fused <= 1.3x one);
 - ``low-rank``: the fused call as the mixers make it, with ``delta_proj_weight`` (the models' dt_rank):
   the kernels project each token's steps from the (batch, K*R, L) low-rank input, so the (batch, K*C, L)
-  steps are neither written by a GEMM nor read by the scan (reported as a ratio to ``fused``).
+  steps are neither written by a GEMM nor read by the scan (reported as a ratio to ``fused``; Vim-Ti's
+  rank only, since every rank is one more compile of the kernels).
+
+Each shape's row is printed (JSON, stderr) and the JSON file rewritten as soon as it is measured, so a
+run cut short by a time limit keeps what it measured.
 
 The roofline is the time to move the bytes a pass must move at the copy bandwidth measured on this GPU
 (a device-to-device copy; bytes read + written per second): forward, u, delta, z, B, C read and y
@@ -60,6 +64,9 @@ class Shape:
     def length(self) -> int:
         return self.grid[0] * self.grid[1]
 
+
+# The dt_rank whose low-rank calls are timed (Vim-Ti's): each rank compiles the kernels once more.
+LOW_RANK_TIMED = 12
 
 VIM = ("forward", "backward")
 SS2D = ("row", "col", "row_reversed", "col_reversed")
@@ -181,11 +188,13 @@ def bench_shape(shape: Shape, batch: int, dtype: torch.dtype, bandwidth: float, 
         row[f"{name}_fwdbwd_over_fwd"] = both / fwd if fwd and both else None
         del x
         torch.cuda.empty_cache()
-    x = low_rank_inputs(shape, batch, dtype)
-    row["lowrank_fwd_ms"] = timed(do_bench, fused, x, backward=False)
-    row["lowrank_fwdbwd_ms"] = timed(do_bench, fused, x, backward=True)
-    del x
-    torch.cuda.empty_cache()
+    row["lowrank_fwd_ms"] = row["lowrank_fwdbwd_ms"] = None
+    if shape.rank == LOW_RANK_TIMED:
+        x = low_rank_inputs(shape, batch, dtype)
+        row["lowrank_fwd_ms"] = timed(do_bench, fused, x, backward=False)
+        row["lowrank_fwdbwd_ms"] = timed(do_bench, fused, x, backward=True)
+        del x
+        torch.cuda.empty_cache()
     for key in ("fwd", "fwdbwd"):
         low, full = row[f"lowrank_{key}_ms"], row[f"fused_{key}_ms"]
         row[f"lowrank_over_fused_{key}"] = low / full if low and full else None
@@ -372,22 +381,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     bandwidth = copy_bandwidth(do_bench)
     shapes = [s for s in SHAPES if args.only is None or s.family == args.only]
+    device = torch.cuda.get_device_name()
+    meta = {"device": device, "dtype": "bf16", "layout": "token-major", "copy_bandwidth_Bps": bandwidth}
     rows = []
     for shape in shapes:
         batch = args.batch or shape.batch
         rows.append(bench_shape(shape, batch, torch.bfloat16, bandwidth, do_bench))
-        print(f"done: {shape.name}, batch {batch}", file=sys.stderr, flush=True)
-    device = torch.cuda.get_device_name()
+        print(f"done: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+        if args.json:  # rewritten after every shape, so a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "shapes": [asdict(s) for s in shapes], "rows": rows}, f, indent=2)
     print_table(rows, bandwidth, device)
-    if args.json:
-        with open(args.json, "w") as f:
-            meta = {
-                "device": device,
-                "dtype": "bf16",
-                "layout": "token-major",
-                "copy_bandwidth_Bps": bandwidth,
-            }
-            json.dump({"meta": meta, "shapes": [asdict(s) for s in shapes], "rows": rows}, f, indent=2)
     return 0
 
 

@@ -401,6 +401,7 @@ def test_bench_scan_cuda_dry_run(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "bench_scan_cuda", bench)  # its dataclasses look their module up
     spec.loader.exec_module(bench)
     monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "LOW_RANK_TIMED", 3)  # the first shape's rank: timed; the second's not
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
 
     def do_bench(fn, grad_to_none=None):
@@ -413,7 +414,8 @@ def test_bench_scan_cuda_dry_run(monkeypatch, capsys):
     ]
     rows = [bench.bench_shape(s, s.batch, torch.float32, 1e12, do_bench) for s in shapes]
     bench.print_table(rows, 1e12, "dry run")
-    assert all(r["lowrank_over_fused_fwd"] == 1.0 and r["fused_over_one_fwdbwd"] == 1.0 for r in rows)
+    assert all(r["fused_over_one_fwdbwd"] == 1.0 for r in rows)
+    assert rows[0]["lowrank_over_fused_fwd"] == 1.0 and rows[1]["lowrank_fwd_ms"] is None
     assert "low-rank fwd, fwd+bwd ms" in capsys.readouterr().out
 
 
@@ -787,9 +789,9 @@ def test_gpu_multi_direction(case):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("case", LOW_RANK_CASES, ids=lambda c: f"K{len(c[5])}-R{c[4]}-{c[6]}")
-def test_gpu_multi_direction_low_rank(case):
-    batch, channels, grid, dstate, rank, directions, merge, shared_u = case
+def test_gpu_multi_direction_low_rank():
+    """Vim's case only: every rank compiles the kernels once more, and GPU time is short."""
+    batch, channels, grid, dstate, rank, directions, merge, shared_u = LOW_RANK_CASES[0]
     grid = (grid[0] * 7, grid[1] * 5)
     k = len(directions)
     inputs = _direction_inputs(
