@@ -16,9 +16,10 @@
 // writes strided views of any sign through ss_backward_views_f32 (a reversed direction with no copies);
 // other N and double (ss_backward_*: backward_row, one (batch, channel) row at a time, vectorised over N)
 // take contiguous u, delta, z, dout, du, ddelta, dz (batch, dim, L), A (dim, N) and B, C (batch, G, L, N)
-// (the state index innermost so one time step's N values are adjacent). Both work in chunks of kChunk steps and store nothing of size (L, N): they keep the state at
-// every chunk start, then walk the chunks backwards, recomputing each chunk's states before running the
-// adjoint recurrence through it. Units of rows / blocks run in parallel with OpenMP when the build has it.
+// (the state index innermost so one time step's N values are adjacent). Both work in chunks of kChunk
+// steps and store nothing of size (L, N): they keep the state at every chunk start, then walk the chunks
+// backwards, recomputing each chunk's states before running the adjoint recurrence through it. Units of
+// rows / blocks run in parallel with OpenMP when the build has it.
 
 #include <cmath>
 #include <cstdint>
@@ -358,7 +359,7 @@ inline void chunk_dt(const Scan<T>& s, const T* __restrict__ delta, T bias, int6
 }
 
 // Decays a[t, n] = exp(dt[t] * A[n]) for one chunk, as one flat vectorisable loop.
-template <typename T, int NS>
+template <typename T>
 inline void chunk_decay(const T* __restrict__ dt, const T* __restrict__ Ad, int64_t n_steps, int64_t N,
                         T* __restrict__ a) {
   for (int64_t t = 0; t < n_steps; ++t) {
@@ -694,10 +695,10 @@ void forward_unit(const Fwd<T>& s, int64_t b, int64_t g, int64_t blk0, int64_t b
 }
 
 // One row of the backward pass; dB/dC contributions are added into this row's slice buffers.
-template <typename T, int NS>
+template <typename T>
 void backward_row(const Scan<T>& s, const Grads<T>& gr, int64_t row, T* __restrict__ dB, T* __restrict__ dC,
                   T* ws) {
-  const int64_t N = NS > 0 ? NS : s.nstate;
+  const int64_t N = s.nstate;
   const int64_t L = s.len;
   const int64_t b = row / s.dim, d = row % s.dim;
   const int64_t g = d / (s.dim / s.groups);
@@ -724,10 +725,9 @@ void backward_row(const Scan<T>& s, const Grads<T>& gr, int64_t row, T* __restri
   T* __restrict__ hs = a + kChunk * N;  // hs[(t + 1) * N + n] = state after step t; hs[n] = chunk start
   T* __restrict__ ckpt = hs + (kChunk + 1) * N;
   T* __restrict__ wvec = ckpt + chunks * N;
-  T hloc[NS > 0 ? NS : 1], gloc[NS > 0 ? NS : 1], dAloc[NS > 0 ? NS : 1];
-  T* __restrict__ h = NS > 0 ? hloc : wvec;
-  T* __restrict__ G = NS > 0 ? gloc : wvec + N;    // a_{t+1} * g_{t+1}: the adjoint carried into step t
-  T* __restrict__ dA = NS > 0 ? dAloc : wvec + 2 * N;
+  T* __restrict__ h = wvec;
+  T* __restrict__ G = wvec + N;  // a_{t+1} * g_{t+1}: the adjoint carried into step t
+  T* __restrict__ dA = wvec + 2 * N;
 
   // Pass 1: the state entering every chunk.
   for (int64_t n = 0; n < N; ++n) h[n] = T(0);
@@ -737,7 +737,7 @@ void backward_row(const Scan<T>& s, const Grads<T>& gr, int64_t row, T* __restri
     for (int64_t n = 0; n < N; ++n) ckpt[c * N + n] = h[n];
     if (c == chunks - 1) break;  // the last chunk's end state is not needed
     chunk_dt(s, delta + t0, bias, n_steps, dt, static_cast<T*>(nullptr));
-    chunk_decay<T, NS>(dt, Ad, n_steps, N, a);
+    chunk_decay(dt, Ad, n_steps, N, a);
     for (int64_t t = 0; t < n_steps; ++t) {
       const T* __restrict__ Bt = Bg + (t0 + t) * N;
       const T* __restrict__ at = a + t * N;
@@ -757,7 +757,7 @@ void backward_row(const Scan<T>& s, const Grads<T>& gr, int64_t row, T* __restri
     const int64_t t0 = c * kChunk;
     const int64_t n_steps = L - t0 < kChunk ? L - t0 : kChunk;
     chunk_dt(s, delta + t0, bias, n_steps, dt, raw);
-    chunk_decay<T, NS>(dt, Ad, n_steps, N, a);
+    chunk_decay(dt, Ad, n_steps, N, a);
     for (int64_t n = 0; n < N; ++n) h[n] = hs[n] = ckpt[c * N + n];
     for (int64_t t = 0; t < n_steps; ++t) {
       const T* __restrict__ Bt = Bg + (t0 + t) * N;
@@ -768,7 +768,7 @@ void backward_row(const Scan<T>& s, const Grads<T>& gr, int64_t row, T* __restri
       T acc = T(0);
 #pragma omp simd reduction(+ : acc)
       for (int64_t n = 0; n < N; ++n) {
-        const T v = at[n] * h[n] + dtu * Bt[n];  // the running state stays in h (registers), hs is a copy
+        const T v = at[n] * h[n] + dtu * Bt[n];  // the running state stays in h, hs is a copy
         h[n] = v;
         hn[n] = v;
         acc += Ct[n] * v;
@@ -1087,9 +1087,11 @@ int forward_impl(const Fwd<T>& s, int nthreads) {
   });
 }
 
-// Work units are (batch, group, slice): the slice splits a group's channels so that there are enough units
-// for the threads, and each unit owns its own dB/dC buffer, so no two threads ever add into the same place.
-template <typename T, int NS>
+// ss_backward_*: the per-row loop (float with N other than 1 and 16, which run backward_block through
+// ss_backward_views_f32; double, for gradient checks). Work units are (batch, group, slice): the slice
+// splits a group's channels so that there are enough units for the threads, and each unit owns its own
+// dB/dC buffer, so no two threads ever add into the same place.
+template <typename T>
 int backward_impl(const Scan<T>& s, const Grads<T>& gr, int nthreads) {
   const int64_t per_group = s.dim / s.groups;
   const int64_t units = s.batch * s.groups * gr.slices;
@@ -1107,7 +1109,7 @@ int backward_impl(const Scan<T>& s, const Grads<T>& gr, int nthreads) {
     const int64_t first = g * per_group + slice * per_group / gr.slices;
     const int64_t end = g * per_group + (slice + 1) * per_group / gr.slices;
     for (int64_t d = first; d < end; ++d)
-      backward_row<T, NS>(s, gr, b * s.dim + d, gr.dB_part + unit * part, gr.dC_part + unit * part, ws);
+      backward_row(s, gr, b * s.dim + d, gr.dB_part + unit * part, gr.dC_part + unit * part, ws);
   }
   std::free(ws_all);
   return 0;
@@ -1124,13 +1126,6 @@ int forward_dispatch(const Fwd<float>& s, int nthreads) {
 
 // Double precision is for gradient checks, not speed: one generic instantiation keeps the build short.
 int forward_dispatch(const Fwd<double>& s, int nthreads) { return forward_impl<double, 0>(s, nthreads); }
-
-// ss_backward_*: the per-row loop, one generic instantiation per type (float with N other than 1 and 16,
-// which run backward_block through ss_backward_views_f32; double for gradient checks).
-template <typename T>
-int backward_dispatch(const Scan<T>& s, const Grads<T>& gr, int nthreads) {
-  return backward_impl<T, 0>(s, gr, nthreads);
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Vim's two depthwise causal convolutions of one token-major sequence (+ SiLU), for inference. x is
@@ -1288,7 +1283,7 @@ bool valid(int64_t batch, int64_t dim, int64_t len, int64_t nstate, int64_t grou
     const Grads<T> gr{dout, dlast, du, ddelta, dz, dA_rows, dB_part, dC_part, dD_rows, dbias_rows, slices}; \
     if (!valid(batch, dim, len, nstate, groups, nthreads) || slices < 1 || slices > dim / groups)          \
       return -2;                                                                                          \
-    return backward_dispatch(s, gr, nthreads);                                                            \
+    return backward_impl(s, gr, nthreads);                                                                \
   }
 
 SS_DEFINE(f32, float)
