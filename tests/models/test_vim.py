@@ -493,32 +493,68 @@ def test_onnx_export_vim_tiny_224(tmp_path):
     assert _onnx_round_trip(model, x, tmp_path / "vim_tiny.onnx", optimize=False) <= 1e-4
 
 
-def test_inference_shares_one_conv_buffer_per_forward(monkeypatch):
-    """In CPU inference the mixers write their convolution output into one buffer per forward (freed
-    after it); the logits are those of mixers that allocate their own, and training never shares it."""
+def test_inference_shares_mixer_buffers_per_forward(monkeypatch):
+    """In CPU inference the mixers write their in_proj and convolution outputs into one buffer each per
+    forward (freed after it); the logits are those of mixers that allocate their own, and training never
+    shares them."""
     torch.manual_seed(0)
     model = small_vim(drop_path_rate=0.0).eval()
     x = torch.randn(2, 3, 32, 32)
-    buffers = []
-    real = mamba_mixer._conv_buffer
+    buffers = {"in_proj": [], "conv": []}
+    real = mamba_mixer._shared_buffer
 
-    def recorded(*args):
-        buffer = real(*args)
-        buffers.append(None if buffer is None else buffer.data_ptr())
+    def recorded(name, *args):
+        buffer = real(name, *args)
+        buffers[name].append(None if buffer is None else buffer.data_ptr())
         return buffer
 
-    monkeypatch.setattr(mamba_mixer, "_conv_buffer", recorded)
+    def clear():
+        for calls in buffers.values():
+            calls.clear()
+
+    monkeypatch.setattr(mamba_mixer, "_shared_buffer", recorded)
     with torch.no_grad():
         shared = model(x)
-        assert len(buffers) == len(model.blocks) and buffers[0] is not None and len(set(buffers)) == 1
-        assert mamba_mixer._CONV_BUFFER.tensor is None  # freed after the blocks
-        monkeypatch.setattr(vim_module, "share_conv_buffer", lambda shared: None)
-        buffers.clear()
+        for calls in buffers.values():
+            assert len(calls) == len(model.blocks) and calls[0] is not None and len(set(calls)) == 1
+        assert buffers["in_proj"][0] != buffers["conv"][0]
+        assert mamba_mixer._BUFFERS.tensors == {}  # freed after the blocks
+        monkeypatch.setattr(vim_module, "share_mixer_buffers", lambda shared: None)
+        clear()
         own = model(x)
-        assert buffers == [None] * len(model.blocks)
+        assert all(calls == [None] * len(model.blocks) for calls in buffers.values())
     torch.testing.assert_close(shared, own, rtol=0, atol=0)
     model.train()
-    monkeypatch.setattr(vim_module, "share_conv_buffer", mamba_mixer.share_conv_buffer)
-    buffers.clear()
+    monkeypatch.setattr(vim_module, "share_mixer_buffers", mamba_mixer.share_mixer_buffers)
+    clear()
     model(x).sum().backward()
-    assert buffers == [None] * len(model.blocks)
+    assert all(calls == [None] * len(model.blocks) for calls in buffers.values())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_shared_in_proj_buffer_keeps_bias_and_hooks(monkeypatch, bias):
+    """The shared in_proj path computes in_proj's output itself: it adds a bias, and an in_proj with a
+    forward hook is still called as a module (its hook runs, its output is the same)."""
+    torch.manual_seed(0)
+    model = small_vim(drop_path_rate=0.0).eval()
+    if bias:
+        for block in model.blocks:
+            proj = block.mixer.in_proj
+            block.mixer.in_proj = torch.nn.Linear(proj.in_features, proj.out_features, bias=True)
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    real = mamba_mixer._shared_buffer
+    monkeypatch.setattr(mamba_mixer, "_shared_buffer", lambda name, *a: calls.append(name) or real(name, *a))
+    with torch.no_grad():
+        shared = model(x)
+        assert calls.count("in_proj") == len(model.blocks)
+        seen = []
+        model.blocks[1].mixer.in_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        calls.clear()
+        hooked = model(x)
+        assert calls.count("in_proj") == len(model.blocks) - 1  # the hooked in_proj runs as a module
+        monkeypatch.setattr(vim_module, "share_mixer_buffers", lambda shared: None)
+        own = model(x)
+    assert seen == [(2, model.patch_embed.num_patches + 1, model.blocks[1].mixer.in_proj.out_features)] * 2
+    torch.testing.assert_close(shared, own)
+    torch.testing.assert_close(hooked, own)

@@ -1,6 +1,6 @@
 """vmamba.layers."""
 
-from .mamba_mixer import BiMambaMixer, share_conv_buffer  # noqa: F401
+from .mamba_mixer import BiMambaMixer, share_mixer_buffers  # noqa: F401
 from .nc_ssd import NCSSD  # noqa: F401
 from .norm import RMSNorm, add_rms_norm, rms_norm  # noqa: F401
 from .patch_embed import PatchEmbed  # noqa: F401

@@ -16,44 +16,60 @@ from vmamba.kernels import (
 from .recompute import recompute_in_backward
 from .ssm_init import init_a_log_, init_dt_bias_, init_dt_weight_
 
-__all__ = ["BiMambaMixer", "bidirectional_scan", "share_conv_buffer"]
+__all__ = ["BiMambaMixer", "bidirectional_scan", "share_mixer_buffers"]
 
 
-class _ConvBuffer(threading.local):
-    """This thread's convolution output buffer, shared by the mixers while :func:`share_conv_buffer` is on."""
+class _SharedBuffers(threading.local):
+    """This thread's mixer output buffers by name, shared by the mixers while :func:`share_mixer_buffers` is
+    on."""
 
     def __init__(self) -> None:
         self.shared = False
-        self.tensor: Tensor | None = None
+        self.tensors: dict[str, Tensor] = {}
 
 
-_CONV_BUFFER = _ConvBuffer()
+_BUFFERS = _SharedBuffers()
 
 
 @torch.jit.ignore
-def share_conv_buffer(shared: bool) -> None:
-    """Turn on (for one pass over a model's blocks) or off the sharing of one convolution output buffer
-    between the mixers of this thread in CPU inference; turning it off frees the buffer.
+def share_mixer_buffers(shared: bool) -> None:
+    """Turn on (for one pass over a model's blocks) or off the sharing of the mixers' large intermediate
+    outputs in CPU inference: each mixer's in_proj output and convolution output, both (B, L, 2E), go into
+    one buffer each per thread instead of fresh tensors. Turning it off frees the buffers.
 
-    Each mixer's (B, L, 2E) convolution output is dead once its scan has run, and a fresh one per layer
-    costs page faults and cache misses (at Vim-Ti 512, 1 thread: 1.8-2.7 ms per call against 0.9 ms
-    reused). The buffer never leaves a mixer's forward, so sharing it is invisible to callers.
+    Both are dead once the mixer's scan has run, and fresh ones per layer cost page faults and cache misses:
+    glibc hands the freed megabytes back to the system at the end of a block and the next block faults them
+    in again. At Vim-Ti 512, 1 thread: the convolution took 1.8-2.7 ms per call against 0.9 ms reused, and
+    sharing the in_proj output as well took vim_tiny from about 8,500 to 1,500 page faults a forward
+    (``docs/benchmarks.md``). The buffers never leave a mixer's forward, so sharing them is invisible to
+    callers.
     """
-    _CONV_BUFFER.shared = shared
-    _CONV_BUFFER.tensor = None
+    _BUFFERS.shared = shared
+    _BUFFERS.tensors = {}
 
 
 @torch.jit.ignore
-def _conv_buffer(x: Tensor, weight: Tensor, channels: int) -> Tensor | None:
-    """The shared buffer for a (B, L, channels) convolution output of x, or None (not shared, not CPU
-    inference)."""
-    if not _CONV_BUFFER.shared or not is_eager_cpu_inference(x, weight):
+def _shared_buffer(name: str, x: Tensor, weight: Tensor, channels: int) -> Tensor | None:
+    """This thread's buffer ``name`` for a (B, L, channels) output computed from x (B, L, ...) and weight,
+    or None (sharing off, or not eager float32 CPU inference)."""
+    if not _BUFFERS.shared or not is_eager_cpu_inference(x, weight):
         return None
     shape = (x.shape[0], x.shape[1], channels)
-    buffer = _CONV_BUFFER.tensor
+    buffer = _BUFFERS.tensors.get(name)
     if buffer is None or tuple(buffer.shape) != shape:
-        buffer = _CONV_BUFFER.tensor = torch.empty(shape, dtype=x.dtype)
+        buffer = _BUFFERS.tensors[name] = torch.empty(shape, dtype=x.dtype)
     return buffer
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """True for an ``nn.Linear`` without forward hooks (its own or global): one whose output may be computed
+    from its parameters without calling it."""
+    hooks = nn.modules.module
+    return (
+        type(module) is nn.Linear
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+    )
 
 
 @torch.jit.ignore
@@ -203,11 +219,32 @@ class BiMambaMixer(nn.Module):
         kept back to back measured slower than the stacks, 6.4 against 3.1 us).
         """
         e = self.d_inner
-        xz = self.in_proj(hidden_states.to(self.in_proj.weight.dtype))  # (B, L, 2E)
+        hidden_states = hidden_states.to(self.in_proj.weight.dtype)
+        xz = self._in_proj_shared(hidden_states)
+        if xz is None:
+            xz = self.in_proj(hidden_states)  # (B, L, 2E)
         x, z = xz[..., :e], xz[..., e:]
         # Both directions' causal conv + SiLU: (B, L, 2E), the backward block anti-causal in storage order.
-        u = self._conv(x, _conv_buffer(x, self.conv1d.weight, 2 * e))
+        u = self._conv(x, _shared_buffer("conv", x, self.conv1d.weight, 2 * e))
         return self.out_proj(self._project_and_scan(u, x, z).transpose(1, 2))
+
+    @torch.jit.ignore  # reads the module's hooks, in Python (a scripted in_proj is never taken)
+    def _in_proj_shared(self, hidden_states: Tensor) -> Tensor | None:
+        """``in_proj(hidden_states)`` computed into the shared buffer while :func:`share_mixer_buffers` is on
+        (CPU inference), or None: sharing off, or in_proj not a plain hook-free Linear (it is then called as a
+        module)."""
+        linear = self.in_proj
+        if not _is_plain_linear(linear):
+            return None
+        out = _shared_buffer("in_proj", hidden_states, linear.weight, linear.out_features)
+        if out is None:
+            return None
+        rows, flat = hidden_states.reshape(-1, hidden_states.shape[-1]), out.view(-1, out.shape[-1])
+        if linear.bias is None:
+            torch.mm(rows, linear.weight.t(), out=flat)
+        else:
+            torch.addmm(linear.bias, rows, linear.weight.t(), out=flat)
+        return out
 
     @torch.jit.ignore  # scripted models call it in Python, like the kernels it calls
     def _project_and_scan(self, u: Tensor, x: Tensor, z: Tensor) -> Tensor:

@@ -42,7 +42,7 @@ from timm.models._manipulate import checkpoint
 from torch import Tensor, nn
 
 from vmamba.kernels import bidirectional_causal_conv1d
-from vmamba.layers.mamba_mixer import BiMambaMixer, bidirectional_scan, share_conv_buffer
+from vmamba.layers.mamba_mixer import BiMambaMixer, bidirectional_scan, share_mixer_buffers
 from vmamba.layers.norm import RMSNorm, add_rms_norm, rms_norm
 from vmamba.layers.patch_embed import PatchEmbed
 
@@ -377,16 +377,17 @@ class Vim(nn.Module):
 
     def _run_blocks(self, x: Tensor) -> Tensor:
         """``self.blocks(x)`` with each block's residual add fused into the next block's norm (and, in CPU
-        inference, one convolution buffer shared by the mixers: :func:`~vmamba.layers.share_conv_buffer`)."""
+        inference, the mixers' in_proj and convolution outputs in shared buffers:
+        :func:`~vmamba.layers.share_mixer_buffers`)."""
         hidden: Tensor | None = None
         residual = x
-        share_conv_buffer(True)
+        share_mixer_buffers(True)
         for block in self.blocks:
             if hidden is None:
                 hidden = block.drop_path(block.mixer(block.norm(x)))
             else:
                 hidden, residual = block.forward_fused(hidden, residual)
-        share_conv_buffer(False)
+        share_mixer_buffers(False)
         return x if hidden is None else residual + hidden
 
     def _split_tokens(self, x: Tensor) -> tuple[Tensor | None, Tensor]:
