@@ -345,9 +345,25 @@ def cpu_bidirectional_conv1d_backward(
 def cpu_add_rms_norm(
     x: Tensor | None, residual: Tensor, weight: Tensor, eps: float, want_total: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """Vim's residual add and RMSNorm in the C++ library, float32, contiguous (batch, L, D) tensors, no
-    autograd (see ``vmamba.kernels.norm``): ``(rms_norm(residual + x), residual + x or None)``; x None
-    normalises ``residual`` alone. The library must be available (:func:`cpu_library_available`)."""
+    """Vim's residual add and RMSNorm in the C++ library, float32, contiguous (batch, L, D) tensors (see
+    ``vmamba.kernels.norm``): ``(rms_norm(residual + x), residual + x or None)``; x None normalises
+    ``residual`` alone. The library must be available (:func:`cpu_library_available`).
+
+    Differentiable: where a gradient is recorded, :class:`_AddRMSNormFunction` keeps only the sum (the
+    residual stream, kept anyway) and the weight for the backward, not the norm's intermediates.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight)):
+        if x is None:
+            return _AddRMSNormFunction.apply(None, residual, weight, eps), None
+        normed, total = _AddRMSNormFunction.apply(x, residual, weight, eps)
+        return normed, total if want_total else None
+    return _add_rms_norm_loop(x, residual, weight, eps, want_total)
+
+
+def _add_rms_norm_loop(
+    x: Tensor | None, residual: Tensor, weight: Tensor, eps: float, want_total: bool
+) -> tuple[Tensor, Tensor | None]:
+    """One call of the C++ loop (``ss_add_rms_norm_f32``), no autograd."""
     dim = residual.shape[-1]
     normed = torch.empty_like(residual)
     total = torch.empty_like(residual) if want_total else None
@@ -365,6 +381,33 @@ def cpu_add_rms_norm(
         )
     _check(rc, "add_rms_norm")
     return normed, total
+
+
+class _AddRMSNormFunction(torch.autograd.Function):
+    """Autograd for the C++ add + RMSNorm: the forward is the loop; the backward recomputes each row's
+    inverse RMS from the saved sum and runs as PyTorch ops (transients only). With x None the input is
+    ``residual`` alone and the output the norm alone."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor | None, residual: Tensor, weight: Tensor, eps: float):
+        normed, total = _add_rms_norm_loop(x, residual, weight, eps, x is not None)
+        ctx.save_for_backward(residual if total is None else total, weight)
+        ctx.eps = eps
+        ctx.has_x = x is not None
+        return normed if total is None else (normed, total)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dnormed: Tensor, dtotal: Tensor | None = None):
+        total, weight = ctx.saved_tensors
+        rstd = torch.rsqrt(total.square().mean(-1, keepdim=True) + ctx.eps)
+        xhat = total * rstd
+        dweight = (dnormed * xhat).reshape(-1, xhat.shape[-1]).sum(0)
+        dnormed = dnormed * weight
+        dx = (dnormed - xhat * (dnormed * xhat).mean(-1, keepdim=True)) * rstd
+        if dtotal is not None:
+            dx = dx + dtotal
+        return (dx if ctx.has_x else None), dx, dweight, None
 
 
 def cpu_library_available() -> bool:

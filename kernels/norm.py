@@ -5,15 +5,15 @@ from torch import Tensor
 
 from . import triton as _triton
 from .cpu import cpu_add_rms_norm, cpu_library_available
-from .eager import is_eager_cpu_inference, triton_kernels_run
+from .eager import is_eager_cpu, triton_kernels_run
 
 __all__ = ["add_rms_norm", "rms_norm"]
 
 
 def _cpu_runs(*tensors: Tensor) -> bool:
-    """Whether the C++ loop takes the norm: float32 CPU inference on contiguous tensors of one shape."""
+    """Whether the C++ loop takes the norm: eager float32 CPU tensors, contiguous, of one shape."""
     return (
-        is_eager_cpu_inference(*tensors)
+        is_eager_cpu(*tensors)
         and all(t.is_contiguous() for t in tensors)
         and tensors[0].dim() > 0
         and all(t.shape == tensors[0].shape for t in tensors[:-1])
@@ -26,7 +26,8 @@ def _cpu_runs(*tensors: Tensor) -> bool:
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``x / sqrt(mean(x**2, -1) + eps) * weight``, computed in (at least) float32, returned in x's dtype.
 
-    In float32 CPU inference (contiguous x) one loop of the C++ library; elsewhere the PyTorch ops.
+    On eager float32 CPU tensors (contiguous x) one loop of the C++ library, with an autograd function that
+    keeps only x and the weight for the backward; elsewhere the PyTorch ops.
     """
     if _cpu_runs(x, weight):
         return cpu_add_rms_norm(None, x, weight, eps, False)[0]
@@ -43,8 +44,8 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tup
     Returns ``(rms_norm(residual + x), residual + x)``: the sum is formed in the residual's dtype (float32
     for Vim's residual stream) and normalised in float32; the norm comes back in the residual's dtype. On
     CUDA tensors (when Triton works, outside compile and export) one Triton kernel does both in one pass
-    (:mod:`.triton.rms_norm`); in float32 CPU inference on contiguous tensors, one loop of the C++ library;
-    elsewhere, the PyTorch ops.
+    (:mod:`.triton.rms_norm`); on eager float32 CPU tensors (contiguous), one loop of the C++ library; both
+    keep only the sum and the weight for the backward. Elsewhere, the PyTorch ops.
     """
     if triton_kernels_run(x, residual, weight):
         return _triton.triton_add_rms_norm(x, residual, weight, eps)

@@ -56,8 +56,8 @@ def test_rms_norm_gradients():
 
 @pytest.mark.parametrize("dim", [1, 8, 16, 37, 192])
 def test_cpu_loop_matches_float64_formula(monkeypatch, dim):
-    """float32 CPU inference runs the C++ loop (whole vectors and the remainder of a row): the same values
-    as the formula in float64, and the sum exactly; with gradients, PyTorch's ops run instead."""
+    """float32 CPU tensors run the C++ loop (whole vectors and the remainder of a row): the same values as
+    the formula in float64, and the sum exactly; a view that is not contiguous takes PyTorch's ops."""
     from vmamba.kernels import cpu as cpu_backend
     from vmamba.kernels import norm as norm_module
 
@@ -78,5 +78,44 @@ def test_cpu_loop_matches_float64_formula(monkeypatch, dim):
     torch.testing.assert_close(alone.double(), _rms_norm64(residual, w, 1e-6), rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         rms_norm(x[:, ::2], w, 1e-5)  # not contiguous
-    add_rms_norm(x, residual, w.requires_grad_(), 1e-5)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("with_x", [True, False])
+def test_cpu_loop_gradients_match_float64(monkeypatch, with_x):
+    """With gradients the C++ loop runs inside an autograd function that saves only the sum and the
+    weight: every gradient (x, residual, weight, and through the sum output) against autograd of the
+    float64 formula; nothing of the norm's intermediates is kept."""
+    from vmamba.kernels import cpu as cpu_backend
+
+    if not cpu_backend.cpu_library_available():
+        pytest.skip("the C++ library cannot be built here")
+    loops = []
+    real = cpu_backend._add_rms_norm_loop
+    monkeypatch.setattr(cpu_backend, "_add_rms_norm_loop", lambda *a: loops.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    x, residual = torch.randn(2, 5, 37, generator=g), torch.randn(2, 5, 37, generator=g) * 2
+    w = torch.randn(37, generator=g)
+    dnormed, dtotal = torch.randn(2, 5, 37, generator=g), torch.randn(2, 5, 37, generator=g)
+
+    def run(x, residual, w, dtype):
+        x, residual, w = (t.to(dtype, copy=True).requires_grad_() for t in (x, residual, w))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            normed, total = (
+                add_rms_norm(x, residual, w, 1e-5) if with_x else (rms_norm(residual, w, 1e-5), None)
+            )
+        loss = (normed * dnormed.to(dtype)).sum()
+        if with_x:
+            loss = loss + (total * dtotal.to(dtype)).sum()
+        loss.backward()
+        grads = [t.grad for t in ((x, residual, w) if with_x else (residual, w))]
+        return normed, grads, saved
+
+    normed, grads, saved = run(x, residual, w, torch.float32)
+    ref, ref_grads, _ = run(x, residual, w, torch.float64)
+    assert loops == [1]
+    torch.testing.assert_close(normed.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    for grad, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(grad.double(), expected, rtol=2e-5, atol=2e-5)
+    assert sum(t.numel() for t in saved) == residual.numel() + w.numel()  # the sum (or input) and weight
