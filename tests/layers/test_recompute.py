@@ -161,3 +161,56 @@ def test_vim_mixer_recomputes_its_convolution_output():
     torch.testing.assert_close(dh, dh_ref, rtol=0, atol=0)
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=0, atol=0, msg=name)
+
+
+def test_nested_blocks_share_the_outer_hooks():
+    """A block inside another adds its tensor to the outer block's hooks: both tensors are released and
+    recomputed once each, the same tensor twice is recomputed once, and the gradients are unchanged."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def fn():
+            calls[name] += 1
+            return x * 3 if name == "a" else (x @ w) * 2  # ops that do not save their outputs
+
+        return fn
+
+    def run(recompute: bool):
+        a = make("a")()
+        refs = [weakref.ref(a)]
+        outer = recompute_in_backward(a, make("a")) if recompute else contextlib.nullcontext()
+        with outer:
+            b = make("b")()
+            refs.append(weakref.ref(b))
+            with recompute_in_backward(b, make("b")) if recompute else contextlib.nullcontext():
+                with recompute_in_backward(a, make("a")) if recompute else contextlib.nullcontext():
+                    y = ((a * b) @ w).sum() + (b * b).sum()
+            y = y + (a * a).sum()  # saved through the outer block's hooks only
+        return y, refs
+
+    y, refs = run(True)
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    got = torch.autograd.grad(y, (x, w))
+    assert calls == {"a": 2, "b": 2}  # once in the forward, once in the backward
+    want = torch.autograd.grad(run(False)[0], (x, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_other_hooks_inside_a_block_keep_control():
+    """Saved-tensor hooks of someone else opened inside a block see the tensors saved there: a nested
+    block adds nothing to the outer one's hooks then."""
+    x = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    a = torch.tanh(x)
+    b = torch.sin(x)
+    seen = []
+    with recompute_in_backward(a, lambda: torch.tanh(x)):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+            with recompute_in_backward(b, lambda: pytest.fail("b must not be recomputed")):
+                y = (b * b).sum()
+    assert any(t is b for t in seen)
+    torch.testing.assert_close(torch.autograd.grad(y, x)[0], 2 * torch.sin(x) * torch.cos(x))

@@ -558,3 +558,54 @@ def test_shared_in_proj_buffer_keeps_bias_and_hooks(monkeypatch, bias):
     assert seen == [(2, model.patch_embed.num_patches + 1, model.blocks[1].mixer.in_proj.out_features)] * 2
     torch.testing.assert_close(shared, own)
     torch.testing.assert_close(hooked, own)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_blocks_recompute_their_norm_output(monkeypatch, autocast):
+    """Training keeps no norm output per block: in_proj's saved input is recomputed from the residual
+    stream in the backward (under autocast the cast to bfloat16 is made before in_proj, and recomputed).
+    The mixers still recompute their convolution outputs inside (nested), and the gradients are those of
+    blocks that keep everything."""
+    import contextlib
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = small_vim(drop_path_rate=0.0).train()
+    x = torch.randn(2, 3, 32, 32)
+    real_recompute, real_conv = vim_module.recompute_in_backward, BiMambaMixer._conv
+
+    def run(recompute: bool):
+        normed, convs, norms = [], [], []
+
+        def spy(tensor, fn):
+            normed.append(weakref.ref(tensor))
+            counted = lambda: norms.append(1) or fn()  # noqa: E731
+            return real_recompute(tensor, counted) if recompute else contextlib.nullcontext()
+
+        def conv(self, x, out):
+            convs.append(1)
+            return real_conv(self, x, out)
+
+        monkeypatch.setattr(vim_module, "recompute_in_backward", spy)
+        monkeypatch.setattr(BiMambaMixer, "_conv", conv)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            logits = model(x)
+        gc.collect()
+        kept = [r() is not None for r in normed]
+        forward_convs = len(convs)
+        logits.float().square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert len(norms) == (len(model.blocks) if recompute else 0)  # once per block, in the backward
+        return kept, forward_convs, len(convs), grads
+
+    kept, forward_convs, convs, grads = run(True)
+    blocks = len(model.blocks)
+    assert kept == [False] * blocks
+    assert forward_convs == blocks and convs == 2 * blocks  # the nested recompute still runs
+    kept_ref, _, _, grads_ref = run(False)
+    assert kept_ref == [True] * blocks
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=0, atol=0, msg=name)

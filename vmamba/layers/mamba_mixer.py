@@ -61,6 +61,16 @@ def _shared_buffer(name: str, x: Tensor, weight: Tensor, channels: int) -> Tenso
     return buffer
 
 
+@torch.jit.ignore
+def _gemm_input(x: Tensor, weight: Tensor) -> Tensor:
+    """x in the dtype of the GEMM weight it meets, except under autocast: autocast casts for the GEMM, and an
+    input already in autocast's dtype then stays the very tensor the GEMM saves for its backward (which a
+    Vim block's :func:`~.recompute.recompute_in_backward` of its norm output relies on)."""
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
+
+
 def _is_plain_linear(module: nn.Module) -> bool:
     """True for an ``nn.Linear`` without forward hooks (its own or global): one whose output may be computed
     from its parameters without calling it."""
@@ -219,7 +229,7 @@ class BiMambaMixer(nn.Module):
         kept back to back measured slower than the stacks, 6.4 against 3.1 us).
         """
         e = self.d_inner
-        hidden_states = hidden_states.to(self.in_proj.weight.dtype)
+        hidden_states = _gemm_input(hidden_states, self.in_proj.weight)
         xz = self._in_proj_shared(hidden_states)
         if xz is None:
             xz = self.in_proj(hidden_states)  # (B, L, 2E)

@@ -11,6 +11,7 @@ is used unchanged.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -32,6 +33,18 @@ class _Recipe:
         self.shape, self.stride, self.offset = view.shape, view.stride(), view.storage_offset()
 
 
+class _Scope(threading.local):
+    """This thread's stack of the tables of :func:`recompute_in_backward`'s hooks (storage key -> state),
+    and whether the last probe reached one of them."""
+
+    def __init__(self) -> None:
+        self.tables: list[dict] = []
+        self.probed = False
+
+
+_SCOPE = _Scope()
+
+
 @contextlib.contextmanager
 def recompute_in_backward(tensor: Tensor, recompute: Callable[[], Tensor]) -> Iterator[None]:
     """Inside the block, autograd saves ``tensor`` (and every view of it) as a recipe: the backward calls
@@ -42,11 +55,19 @@ def recompute_in_backward(tensor: Tensor, recompute: Callable[[], Tensor]) -> It
     (contiguous) layout; a mismatch raises a RuntimeError in the backward. Nothing happens (the block runs
     as usual) when no gradient is being recorded for ``tensor``, when it is not a contiguous tensor that
     owns its whole storage, or when a tracer, compiler or exporter is running. Double backward through the
-    recomputed tensor is not supported (it is recomputed without a graph). Nothing happens either inside
-    another saved-tensor hooks context (``torch.utils.checkpoint``'s, as timm's ``set_grad_checkpointing``
-    uses it, or ``save_on_cpu``): those own what is saved, and the block's tensors would escape them.
+    recomputed tensor is not supported (it is recomputed without a graph).
+
+    Blocks nest: one inside another adds its tensor to the enclosing block's hooks (a Vim block recomputes
+    its norm's output around the mixer, which recomputes its convolution output inside). Nothing happens
+    inside a saved-tensor hooks context of someone else (``torch.utils.checkpoint``'s, as timm's
+    ``set_grad_checkpointing`` uses it, or ``save_on_cpu``): those own what is saved, and the block's
+    tensors would escape them.
     """
     if not _applies(tensor):
+        yield
+        return
+    innermost = _innermost_hooks()
+    if innermost == "other":
         yield
         return
     kind = tensor.device.type
@@ -59,21 +80,39 @@ def recompute_in_backward(tensor: Tensor, recompute: Callable[[], Tensor]) -> It
     }
     # The hooks live as long as what they saved: they must not hold ``tensor`` itself. Matching by address
     # is safe: the caller holds ``tensor`` for the whole block, so no other tensor can have its storage.
-    address, dtype, device = tensor.untyped_storage().data_ptr(), tensor.dtype, tensor.device
+    key = _key(tensor)
+    if innermost == "ours":
+        table = _SCOPE.tables[-1]
+        if key in table:  # the same tensor twice: the outer block already recomputes it
+            yield
+            return
+        table[key] = state
+        try:
+            yield
+        finally:
+            del table[key]
+        return
+    table = {key: state}
 
     def pack(saved: Tensor):
-        if (
-            isinstance(saved, Tensor)
-            and saved.device == device
-            and saved.dtype == dtype
-            and saved.untyped_storage().data_ptr() == address
-        ):
-            state["pending"] += 1
-            return _Recipe(state, saved)
+        _SCOPE.probed = True
+        if isinstance(saved, Tensor):
+            found = table.get(_key(saved))
+            if found is not None:
+                found["pending"] += 1
+                return _Recipe(found, saved)
         return saved
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
-        yield
+    _SCOPE.tables.append(table)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            yield
+    finally:
+        _SCOPE.tables.pop()
+
+
+def _key(t: Tensor) -> tuple:
+    return t.untyped_storage().data_ptr(), t.dtype, t.device
 
 
 def _applies(tensor: Tensor) -> bool:
@@ -85,19 +124,23 @@ def _applies(tensor: Tensor) -> bool:
         and tensor.is_contiguous()
         and tensor.storage_offset() == 0
         and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
-        and not _saved_tensor_hooks_active()
     )
 
 
-def _saved_tensor_hooks_active() -> bool:
-    """Whether default saved-tensor hooks are in force here: a tensor saved now already has hooks, so
-    registering others on it fails (documented behaviour of ``SavedTensor.register_hooks``)."""
+def _innermost_hooks() -> str:
+    """Which default saved-tensor hooks are in force here: ``"none"``, ``"ours"`` (the innermost are those of
+    an enclosing :func:`recompute_in_backward`) or ``"other"``. A probe op saves a tensor: our pack hook
+    notes that it ran; other hooks make registering hooks on the saved tensor fail (documented behaviour
+    of ``SavedTensor.register_hooks``)."""
+    _SCOPE.probed = False
     probe = torch.empty(0, requires_grad=True).exp()  # exp saves its result
+    if _SCOPE.probed and _SCOPE.tables:
+        return "ours"
     try:
         probe.grad_fn._raw_saved_result.register_hooks(_identity, _identity)
     except RuntimeError:
-        return True
-    return False
+        return "other"
+    return "none"
 
 
 def _identity(x):

@@ -45,6 +45,7 @@ from vmamba.kernels import bidirectional_causal_conv1d
 from vmamba.layers.mamba_mixer import BiMambaMixer, bidirectional_scan, share_mixer_buffers
 from vmamba.layers.norm import RMSNorm, add_rms_norm, rms_norm
 from vmamba.layers.patch_embed import PatchEmbed
+from vmamba.layers.recompute import recompute_in_backward
 
 from ._helpers import check_state_dict_fits, resolve_pretrained_file, select_state_dict
 
@@ -162,14 +163,38 @@ class VimBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.drop_path(self.mixer(self.norm(x)))
+        return x + self.mix(self.norm(x), x)
 
     def forward_fused(self, hidden: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         """The official "add -> norm -> mixer" form: (mixer output of the block before, residual stream
         before that add) -> the same pair after this block. ``residual + hidden`` is then this block's
         ``forward`` output; the add runs fused with this block's norm (:func:`vmamba.kernels.add_rms_norm`)."""
         normed, residual = self.norm.forward_add(hidden, residual)
-        return self.drop_path(self.mixer(normed)), residual
+        return self.mix(normed, residual), residual
+
+    def mix(self, normed: Tensor, source: Tensor) -> Tensor:
+        """``drop_path(mixer(normed))`` for ``normed = norm(source)``. In eager training the mixer's in_proj
+        keeps a recipe instead of ``normed`` (the norm keeps ``source`` anyway): the backward recomputes the
+        norm, one (B, L, D) activation less per block (:func:`~vmamba.layers.recompute.recompute_in_backward`).
+        """
+        if torch.jit.is_scripting():
+            return self.drop_path(self.mixer(normed))
+        return self._mix_recomputing_norm(normed, source)
+
+    @torch.jit.ignore
+    def _mix_recomputing_norm(self, normed: Tensor, source: Tensor) -> Tensor:
+        dtype = None
+        if isinstance(normed, Tensor) and torch.is_autocast_enabled(normed.device.type):
+            # The GEMM saves autocast's cast of its input, not the input: the cast is made here instead.
+            dtype = torch.get_autocast_dtype(normed.device.type)
+            normed = normed.to(dtype)
+
+        def recompute() -> Tensor:
+            out = self.norm(source)
+            return out if dtype is None else out.to(dtype)
+
+        with recompute_in_backward(normed, recompute):
+            return self.drop_path(self.mixer(normed))
 
 
 class Vim(nn.Module):
@@ -384,7 +409,7 @@ class Vim(nn.Module):
         share_mixer_buffers(True)
         for block in self.blocks:
             if hidden is None:
-                hidden = block.drop_path(block.mixer(block.norm(x)))
+                hidden = block.mix(block.norm(x), x)
             else:
                 hidden, residual = block.forward_fused(hidden, residual)
         share_mixer_buffers(False)
