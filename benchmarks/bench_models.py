@@ -17,7 +17,10 @@ on CPU in float32, once per thread count (``--threads 1,2``).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during one step minus what was allocated before it
 (model, optimizer state and input excluded); on CPU the rise of the process's peak resident set size
-(VmHWM, reset through ``/proc/self/clear_refs``) over the resident size before one step. Random weights,
+(VmHWM, reset through ``/proc/self/clear_refs``) over the resident size before one step, which moves with
+the allocator's state. Kept memory (training): what one forward leaves allocated for the backward (the
+graph's saved tensors and the loss), by ``torch.cuda.memory_allocated`` on CUDA and by the profiler's
+memory accounting on CPU: the same on every run. Random weights,
 random inputs: the numbers are about speed, not accuracy. ``vs peer`` is img/s over the first model of the
 group (deit_tiny, swin_tiny) at the same setting.
 """
@@ -61,6 +64,7 @@ class Result:
     ms: float
     img_s: float
     peak_mib: float
+    kept_mib: float = float("nan")
     vs_peer: float = float("nan")
 
 
@@ -95,13 +99,15 @@ class Case:
         self.y = torch.randint(0, 1000, (batch,), generator=g).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4) if mode == "train" else None
 
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
+
     def step(self) -> None:
-        autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
         if self.mode == "infer":
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), self._autocast():
                 self.model(self.x)
         else:
-            with autocast:
+            with self._autocast():
                 loss = F.cross_entropy(self.model(self.x).float(), self.y)
             loss.backward()
             self.opt.step()
@@ -113,6 +119,26 @@ class Case:
         start = time.perf_counter()
         self.step()
         return time.perf_counter() - start
+
+    def kept_mib(self) -> float:
+        """MiB one training forward leaves allocated for its backward (NaN in inference); then the backward
+        runs and the gradients are dropped, without an optimizer step."""
+        if self.mode != "train":
+            return float("nan")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            with self._autocast():
+                loss = F.cross_entropy(self.model(self.x).float(), self.y)
+            kept = torch.cuda.memory_allocated() - before
+        else:
+            cpu = [torch.profiler.ProfilerActivity.CPU]
+            with torch.profiler.profile(activities=cpu, profile_memory=True) as prof, self._autocast():
+                loss = F.cross_entropy(self.model(self.x).float(), self.y)
+            kept = sum(event.self_cpu_memory_usage for event in prof.key_averages())
+        loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+        return kept / 2**20
 
     def peak_mib(self) -> float:
         if self.device.type == "cuda":
@@ -136,6 +162,7 @@ def run_group(
         for _ in range(args.warmup):
             case.step()
     peaks = [case.peak_mib() for case in cases]
+    kept = [case.kept_mib() for case in cases]
     times: list[list[float]] = [[] for _ in cases]
     deadline = time.perf_counter() + args.max_seconds
     for r in range(args.repeats):
@@ -144,10 +171,10 @@ def run_group(
         if r + 1 >= args.min_repeats and time.perf_counter() > deadline:
             break
     results = []
-    for case, t, peak in zip(cases, times, peaks):
+    for case, t, peak, k in zip(cases, times, peaks, kept):
         sec = statistics.median(t)
         results.append(
-            Result(device.type, threads, mode, resolution, batch, case.name, sec * 1e3, batch / sec, peak)
+            Result(device.type, threads, mode, resolution, batch, case.name, sec * 1e3, batch / sec, peak, k)
         )
     peer = results[0].img_s
     for res in results:
@@ -185,12 +212,15 @@ def machine_info(device: torch.device) -> dict[str, str]:
 
 
 def print_table(results: list[Result]) -> None:
-    print("| device | threads | mode | res | batch | model | ms/batch | img/s | peak MiB | vs peer |")
-    print("|---|---:|---|---:|---:|---|---:|---:|---:|---:|")
+    print(
+        "| device | threads | mode | res | batch | model | ms/batch | img/s | peak MiB | kept MiB | vs peer |"
+    )
+    print("|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in results:
+        kept = "-" if r.kept_mib != r.kept_mib else f"{r.kept_mib:,.1f}"  # NaN in inference
         print(
             f"| {r.device} | {r.threads} | {r.mode} | {r.resolution} | {r.batch} | {r.model} | {r.ms:,.1f} "
-            f"| {r.img_s:,.3g} | {r.peak_mib:,.0f} | {r.vs_peer:.2f}x |"
+            f"| {r.img_s:,.3g} | {r.peak_mib:,.0f} | {kept} | {r.vs_peer:.2f}x |"
         )
 
 
@@ -304,7 +334,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 for r in rows:
                     print(
                         f"{r.model:32s} {mode:5s} {res:5d} thr={nthreads} {r.ms:10.1f} ms {r.img_s:9.2f} img/s "
-                        f"{r.peak_mib:7.0f} MiB {r.vs_peer:5.2f}x",
+                        f"{r.peak_mib:7.0f} MiB (kept {r.kept_mib:6.1f}) {r.vs_peer:5.2f}x",
                         flush=True,
                     )
                 results += rows
