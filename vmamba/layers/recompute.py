@@ -133,11 +133,13 @@ def _innermost_hooks() -> str:
     notes that it ran; other hooks make registering hooks on the saved tensor fail (documented behaviour
     of ``SavedTensor.register_hooks``)."""
     _SCOPE.probed = False
-    probe = torch.empty(0, requires_grad=True).exp()  # exp saves its result
+    # mul saves its other input, a plain tensor: nothing saved refers back to the graph, so the probe leaves
+    # no reference cycle through the hooks (a saved output, as exp's, would keep the hooks' state alive).
+    probe = torch.empty(0, requires_grad=True) * torch.empty(0)
     if _SCOPE.probed and _SCOPE.tables:
         return "ours"
     try:
-        probe.grad_fn._raw_saved_result.register_hooks(_identity, _identity)
+        probe.grad_fn._raw_saved_other.register_hooks(_identity, _identity)
     except RuntimeError:
         return "other"
     return "none"
