@@ -5,9 +5,10 @@ reversed sequence with the backward kernel. In storage order the second is an *a
 with the kernel reversed. :func:`bidirectional_causal_conv1d` is both in one call, in the token-major layout
 the projections produce and consume:
 
-- float32 CPU tensors run loops of the C++ library (:mod:`.cpu`), forward and backward: they read x in
-  place and write the token-major result directly (PyTorch's depthwise conv1d is slow on CPU, forward and
-  backward, and needs two layout copies);
+- CPU tensors with float32 weights run loops of the C++ library (:mod:`.cpu`), forward and backward: they
+  read a float32 x in place and write the token-major result directly (PyTorch's depthwise conv1d is slow on
+  CPU, forward and backward, and needs two layout copies); a bfloat16 or float16 x (CPU autocast) is
+  converted to float32 for them and the result comes back in its dtype;
 - CUDA tensors run Triton kernels (:mod:`.triton.conv1d`, forward and backward): one read of x, one write;
 - everywhere else (other dtypes, tracing, compile, export) it is one depthwise convolution with ``2k - 1`` taps
   centred on each token: the forward kernel on taps ``0..k-1`` (the token and the k-1 before it), the
@@ -24,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from . import triton as _triton
 from .cpu import cpu_bidirectional_conv1d, cpu_bidirectional_conv1d_backward, cpu_library_available
-from .eager import is_eager_cpu, triton_kernels_run
+from .eager import is_eager_cpu_activations, triton_kernels_run
 
 __all__ = ["bidirectional_causal_conv1d", "bidirectional_causal_conv1d_reference"]
 
@@ -84,7 +85,7 @@ def bidirectional_causal_conv1d(
         zeros = torch.zeros(channels, dtype=weight.dtype, device=weight.device)
         both_bias = torch.stack([zeros if bias is None else bias, zeros if bias_b is None else bias_b])
     on_gpu = triton_kernels_run(x, weight, both_bias, weight_b)
-    on_cpu = not on_gpu and is_eager_cpu(x, weight, both_bias, weight_b) and x.stride(2) == 1
+    on_cpu = not on_gpu and is_eager_cpu_activations((weight, both_bias, weight_b), (x,)) and x.stride(2) == 1
     if on_gpu or (on_cpu and cpu_library_available()):
         # (2, k, C): tap j of each direction, channels innermost, as the fused kernels read them.
         taps = torch.stack([weight.reshape(channels, k), weight_b.reshape(channels, k)]).transpose(1, 2)

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .backends import ScanBackend, register_backend
-from .eager import is_eager_cpu
+from .eager import is_eager_cpu_activations
 from .projections import project_steps, project_steps_backward
 from .reference import math_dtype
 from .token_orders import MERGES
@@ -267,14 +267,18 @@ def kernel_math(name: str, x: Tensor) -> Tensor:
 def cpu_bidirectional_conv1d(
     x: Tensor, taps: Tensor, bias: Tensor | None, silu: bool, out: Tensor | None = None
 ) -> Tensor:
-    """Vim's two causal depthwise convolutions (+ SiLU) in the C++ library, float32 (no autograd here: see
-    ``vmamba.kernels.conv1d``).
+    """Vim's two causal depthwise convolutions (+ SiLU) in the C++ library, computed in float32 (no autograd
+    here: see ``vmamba.kernels.conv1d``).
 
-    ``x`` (batch, L, C) float32 with unit channel stride; ``taps`` (2, k, C) and ``bias`` (2, C) as
+    ``x`` (batch, L, C) with unit channel stride, float32 or (under autocast) bfloat16/float16, which is
+    converted to float32 first; ``taps`` (2, k, C) and ``bias`` (2, C) as
     :func:`vmamba.kernels.conv1d.bidirectional_causal_conv1d` builds them. Returns the (batch, L, 2C)
-    token-major result, written into ``out`` (contiguous, checked by the caller) when given. The library
-    must be available (:func:`cpu_library_available`).
+    token-major result in x's dtype, written into ``out`` (contiguous, checked by the caller) when given.
+    The library must be available (:func:`cpu_library_available`).
     """
+    if x.dtype != torch.float32:
+        y = cpu_bidirectional_conv1d(x.float(), taps, bias, silu)
+        return y.to(x.dtype) if out is None else out.copy_(y)
     lib = _LIBRARY.get()
     batch, length, channels = x.shape
     if out is None:
@@ -306,8 +310,11 @@ def cpu_bidirectional_conv1d_backward(
     dout: Tensor, x: Tensor, taps: Tensor, bias: Tensor | None, silu: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of :func:`cpu_bidirectional_conv1d` (x, taps and bias as it took them) for ``dout``
-    (batch, L, 2C): ``(dx (batch, L, C), dtaps (2, k, C), dbias (2, C) or None)``, all float32. The
-    pre-activations are recomputed; the library must be available (the forward ran)."""
+    (batch, L, 2C): ``(dx (batch, L, C) in x's dtype, dtaps (2, k, C), dbias (2, C) or None)``, computed in
+    float32. The pre-activations are recomputed; the library must be available (the forward ran)."""
+    if x.dtype != torch.float32:
+        dx, dtaps, dbias = cpu_bidirectional_conv1d_backward(dout, x.float(), taps, bias, silu)
+        return dx.to(x.dtype), dtaps, dbias
     lib = _LIBRARY.get()
     batch, length, channels = x.shape
     k = taps.shape[1]
@@ -721,7 +728,12 @@ def cpu_multi_direction_scan(
             merge,
             delta_proj_weight,
         )
-    if not (is_eager_cpu(*tensors) and A.shape[1] in _BLOCK_STATES and _LIBRARY.get() is not None):
+    params, activations = (A, D, delta_bias, delta_proj_weight), (u, delta, B, C, z)
+    if not (
+        is_eager_cpu_activations(params, activations)
+        and A.shape[1] in _BLOCK_STATES
+        and _LIBRARY.get() is not None
+    ):
         return NotImplemented
     return _FusedScanFunction.apply(
         u,
@@ -883,7 +895,8 @@ def _backward_in_place(
 
 
 class _FusedScanFunction(torch.autograd.Function):
-    """The row and column directions with autograd, float32 and N = 1 or 16: :func:`_scan_in_place`
+    """The row and column directions with autograd, N = 1 or 16, float32 parameters and float32 or
+    half-precision activations (computed in float32): :func:`_scan_in_place`
     forward, and the channel-vectorised C++ backward per direction on the same views (a reversed direction
     through views with negated token strides, a column direction by the kernel's column walk, a shared u or
     z accumulated in place). The backward recomputes the states, so only the inputs are saved: with low-rank
@@ -902,7 +915,12 @@ class _FusedScanFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout: Tensor):
-        u, low_rank, A, B, C, D, z, delta_bias, W = ctx.saved_tensors
+        # Half-precision activations (autocast's) are converted here, as the forward did: the kernels run in
+        # float32 (autograd casts each gradient to its input's dtype).
+        u, low_rank, A, B, C, D, z, delta_bias, W = (
+            None if t is None else t.float() for t in ctx.saved_tensors
+        )
+        dout = dout.float()
         delta = low_rank if W is None else project_steps(low_rank, W)
         directions, merge = ctx.directions, ctx.merge
         k = len(directions)

@@ -14,7 +14,13 @@ from torch import Tensor
 
 from . import triton as _triton
 
-__all__ = ["is_eager_cpu", "is_eager_cpu_inference", "is_tracing", "triton_kernels_run"]
+__all__ = [
+    "is_eager_cpu",
+    "is_eager_cpu_activations",
+    "is_eager_cpu_inference",
+    "is_tracing",
+    "triton_kernels_run",
+]
 
 
 def is_tracing() -> bool:
@@ -31,6 +37,19 @@ def is_eager_cpu(*tensors: Tensor | None, dtype: torch.dtype = torch.float32) ->
     if any(t.device.type != "cpu" or t.dtype != dtype for t in present):
         return False
     return not is_tracing()
+
+
+# The activation dtypes of the C++ paths: half precision (autocast's) is converted to float32 on the way in.
+_ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def is_eager_cpu_activations(params, activations) -> bool:
+    """:func:`is_eager_cpu` for float32 parameters and activations in float32 or, as CPU autocast makes
+    them, bfloat16 or float16: where a C++ op that computes in float32 may run. None entries are skipped."""
+    present = [t for t in activations if t is not None]
+    if not all(isinstance(t, Tensor) and t.dtype in _ACTIVATION_DTYPES for t in present):
+        return False
+    return is_eager_cpu(*params) and all(is_eager_cpu(t, dtype=t.dtype) for t in present)
 
 
 def is_eager_cpu_inference(*tensors: Tensor | None, dtype: torch.dtype = torch.float32) -> bool:

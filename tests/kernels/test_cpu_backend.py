@@ -600,6 +600,34 @@ def test_multi_direction_training_matches_reference(chunk, monkeypatch, case, me
         torch.testing.assert_close(got[name].double(), want[name], rtol=2e-5, atol=2e-5 * scale, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_multi_direction_training_half_precision_activations(chunk, monkeypatch, dtype):
+    """Half-precision activations with float32 parameters (CPU autocast's mix) take the fused training
+    path, computed in float32: the output and every gradient are exactly those of the call on the same
+    values in float32, rounded to the activations' dtype (the parameters' gradients stay float32)."""
+    inputs, weight = low_rank_inputs(2, 20, chunk + 7, 16, 12)
+    inputs = {**inputs, "delta_proj_weight": weight}
+    activations = ("u", "delta", "B", "C", "z")
+    calls = []
+    real = cpu_backend._scan_in_place
+    monkeypatch.setattr(cpu_backend, "_scan_in_place", lambda *a: calls.append(1) or real(*a))
+    half = {n: t.to(dtype) if n in activations else t.float() for n, t in inputs.items() if t is not None}
+    results = []
+    for tensors in (half, {n: t.float() for n, t in half.items()}):
+        leaves = {n: t.detach().requires_grad_() for n, t in tensors.items()}
+        out = multi_direction_selective_scan(
+            **leaves, delta_softplus=True, directions=("forward", "backward"), merge="mean", backend="cpu"
+        )
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+        results.append((out, dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), upstream)))))
+    assert len(calls) == 2  # the fused function's forward both times, not the generic path
+    (out, grads), (out32, grads32) = results
+    assert out.dtype == dtype and torch.equal(out, out32.to(dtype))
+    for name, grad in grads.items():
+        want = grads32[name].to(dtype) if name in activations else grads32[name]
+        assert grad.dtype == want.dtype and torch.equal(grad, want), name
+
+
 def test_multi_direction_training_low_rank_steps(chunk, monkeypatch):
     """Low-rank steps with gradients: projected inside the forward's kernel (the fused function saves the
     low-rank input) and once more, transiently, by its backward; the weight and the low-rank input get the

@@ -178,13 +178,36 @@ def test_cpu_kernel_writes_into_out_buffer(cpu_library, counted_cpu_calls):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_cpu_kernel_runs_float32_only(cpu_library, counted_cpu_calls):
+def test_cpu_kernel_runs_float32_weights_only(cpu_library, counted_cpu_calls):
     args = _inputs(dtype=torch.float32)
     with torch.no_grad():
         bidirectional_causal_conv1d(*[t.double() for t in args])  # float64: PyTorch's convolution
+        bidirectional_causal_conv1d(*[t.bfloat16() for t in args])  # bfloat16 weights too
         assert not counted_cpu_calls
         bidirectional_causal_conv1d(*args)
     assert len(counted_cpu_calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_kernel_takes_half_precision_input(cpu_library, counted_cpu_calls, dtype):
+    """A half-precision x with float32 weights (what CPU autocast passes) runs the C++ loops on x in float32:
+    the output, dx, and the weight and bias gradients are exactly those of the float32 call on the same
+    values, rounded to x's dtype (output, dx) or left in float32 (weights, biases)."""
+    x, w, b, w_b, b_b = _inputs(batch=2, length=23, channels=20, dtype=torch.float32, seed=5)
+    x = x.to(dtype)
+    upstream = torch.randn(2, 23, 40, generator=torch.Generator().manual_seed(1)).to(dtype)
+    results = []
+    for xi in (x, x.float()):
+        leaves = [t.detach().clone().requires_grad_() for t in (xi, w, b, w_b, b_b)]
+        out = bidirectional_causal_conv1d(*leaves)
+        grads = torch.autograd.grad(out, leaves, upstream.to(out.dtype))
+        results.append((out, grads))
+    assert len(counted_cpu_calls) == 2
+    (out, grads), (out32, grads32) = results
+    assert out.dtype == grads[0].dtype == dtype and grads[1].dtype == torch.float32
+    assert torch.equal(out, out32.to(dtype)) and torch.equal(grads[0], grads32[0].to(dtype))
+    for got, want in zip(grads[1:], grads32[1:]):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize(
