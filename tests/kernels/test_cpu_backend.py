@@ -600,12 +600,21 @@ def test_multi_direction_training_matches_reference(chunk, monkeypatch, case, me
         torch.testing.assert_close(got[name].double(), want[name], rtol=2e-5, atol=2e-5 * scale, msg=name)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_multi_direction_training_half_precision_activations(chunk, monkeypatch, dtype):
+@pytest.mark.parametrize(
+    "dtype, grid", [(torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, (5, 7))]
+)
+def test_multi_direction_training_half_precision_activations(chunk, monkeypatch, dtype, grid):
     """Half-precision activations with float32 parameters (CPU autocast's mix) take the fused training
     path, computed in float32: the output and every gradient are exactly those of the call on the same
-    values in float32, rounded to the activations' dtype (the parameters' gradients stay float32)."""
-    inputs, weight = low_rank_inputs(2, 20, chunk + 7, 16, 12)
+    values in float32, rounded to the activations' dtype (the parameters' gradients stay float32). Vim's two
+    directions, and VMamba's four over a grid (N = 1, no gate)."""
+    if grid is None:
+        inputs, weight = low_rank_inputs(2, 20, chunk + 7, 16, 12)
+        directions, merge = ("forward", "backward"), "mean"
+    else:
+        directions, merge = ("row", "col", "row_reversed", "col_reversed"), "sum"
+        inputs, weight = low_rank_inputs(2, 20, grid[0] * grid[1], 1, 6, k=4)
+        inputs.pop("z")
     inputs = {**inputs, "delta_proj_weight": weight}
     activations = ("u", "delta", "B", "C", "z")
     calls = []
@@ -616,7 +625,7 @@ def test_multi_direction_training_half_precision_activations(chunk, monkeypatch,
     for tensors in (half, {n: t.float() for n, t in half.items()}):
         leaves = {n: t.detach().requires_grad_() for n, t in tensors.items()}
         out = multi_direction_selective_scan(
-            **leaves, delta_softplus=True, directions=("forward", "backward"), merge="mean", backend="cpu"
+            **leaves, delta_softplus=True, directions=directions, grid_size=grid, merge=merge, backend="cpu"
         )
         upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
         results.append((out, dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), upstream)))))
