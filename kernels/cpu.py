@@ -700,10 +700,12 @@ def cpu_multi_direction_scan(
 
     - When no gradient is needed (Vim's ``"row"`` / ``"row_reversed"``, VMamba's four), each direction is
       one call of the C++ forward on views of its block of the inputs (:func:`_scan_in_place`).
-    - With gradients, float32 inputs and N = 1 or 16 (Vim's and VMamba's), the same forward runs inside an
-      autograd function whose backward is the channel-vectorised C++ backward on the same views
-      (:class:`_FusedScanFunction`): no reordered, concatenated or contiguous copies either way. Low-rank
-      steps are projected in the forward's kernel too; only the backward projects them (a transient).
+    - With gradients, float32 parameters, float32 or (CPU autocast's) half-precision activations and N = 1
+      or 16 (Vim's and VMamba's), the same forward runs inside an autograd function whose backward is the
+      channel-vectorised C++ backward on the same views (:class:`_FusedScanFunction`): no reordered,
+      concatenated or contiguous copies either way (half-precision activations are converted to float32).
+      Low-rank steps are projected in the forward's kernel too; only the backward projects them (a
+      transient).
 
     Returns NotImplemented otherwise (gradients needed elsewhere, a column direction without a matching
     grid_size, other dtypes, empty or inconsistent inputs): the caller then runs its generic path, which

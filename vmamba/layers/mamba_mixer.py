@@ -41,8 +41,8 @@ def share_mixer_buffers(shared: bool) -> None:
     glibc hands the freed megabytes back to the system at the end of a block and the next block faults them
     in again. At Vim-Ti 512, 1 thread: the convolution took 1.8-2.7 ms per call against 0.9 ms reused, and
     sharing the in_proj output as well took vim_tiny from 3,500-13,000 to 600-2,500 page faults a forward
-    (``docs/benchmarks.md``, CPU inference round 5). The buffers never leave a mixer's forward, so sharing them is invisible to
-    callers.
+    (``docs/benchmarks.md``, CPU inference round 5). The buffers never leave a mixer's forward, so sharing
+    them is invisible to callers.
     """
     _BUFFERS.shared = shared
     _BUFFERS.tensors = {}
