@@ -4,6 +4,7 @@ import math
 import threading
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmamba.kernels import (
@@ -268,12 +269,14 @@ class BiMambaMixer(nn.Module):
         """
         batch, length, _ = u.shape
         e, r, n = self.d_inner, self.dt_rank, self.d_state
+        # Both directions' x_proj weights as one (2, E, P) operand, padded with zero columns from R + 2N up to
+        # P, a multiple of 16 (44 -> 48 for Vim-Ti: MKL's GEMM is 1.2x faster with the wider output).
+        weight = torch.stack([self.x_proj.weight, self.x_proj_b.weight])
+        weight = F.pad(weight, (0, 0, 0, -weight.shape[1] % 16)).transpose(1, 2)
         with recompute_in_backward(u, lambda: self._conv(x, None)):
-            # x_proj of both directions as one batched GEMM: (2, B*L, E) @ (2, E, R + 2N) -> (2, B*L, R + 2N).
-            x_dbl = torch.bmm(
-                u.view(batch * length, 2, e).transpose(0, 1),
-                torch.stack([self.x_proj.weight, self.x_proj_b.weight]).transpose(1, 2),
-            ).view(2, batch, length, r + 2 * n)
+            # x_proj of both directions as one batched GEMM: (2, B*L, E) @ (2, E, P) -> (2, B*L, P).
+            x_dbl = torch.bmm(u.view(batch * length, 2, e).transpose(0, 1), weight)
+            x_dbl = x_dbl.view(2, batch, length, weight.shape[-1])
             # The low-rank step inputs side by side, (B, L, 2R) (small); dt_proj is applied in the scan.
             dts = x_dbl[..., :r].permute(1, 2, 0, 3).reshape(batch, length, 2 * r)
             return bidirectional_scan(
@@ -281,7 +284,7 @@ class BiMambaMixer(nn.Module):
                 dts.transpose(1, 2),
                 -torch.exp(torch.cat([self.A_log, self.A_b_log]).float()),
                 x_dbl[..., r : r + n].permute(1, 0, 3, 2),  # B: (B, 2, N, L), one group per direction
-                x_dbl[..., r + n :].permute(1, 0, 3, 2),  # C
+                x_dbl[..., r + n : r + 2 * n].permute(1, 0, 3, 2),  # C
                 torch.cat([self.D, self.D_b]).float(),
                 z.transpose(1, 2),  # shared gate, in storage order, applied in the scan's epilogue
                 torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
