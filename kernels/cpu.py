@@ -491,50 +491,8 @@ def cpu_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tup
     """
     if _is_empty(u, A):
         return torch_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    f = math_dtype(u)
-    batch, dim, length = u.shape
-    dstate = A.shape[1]
-    uf, df, Af, Bf, Cf, zf = (_as(t, f) for t in (u, delta, A, B, C, z))
-    Df, bf = (None if t is None else _as(t, f).contiguous() for t in (D, delta_bias))
-    out = torch.empty((batch, dim, length), dtype=f)
-    last = torch.empty((batch, dim, dstate), dtype=f)
-    _forward_in_place(
-        uf, df, Af, Bf, Cf, Df, zf, bf, None, out, last, delta_softplus, False, 0, False, False, 1.0
-    )
-    return _as(out, u.dtype), last
-
-
-def _forward_in_place(
-    u, delta, A, B, C, D, z, delta_bias, W, out, last, softplus, reverse, col_h, add, gate_sum, scale
-):
-    """One call of the C++ forward (``ss_forward_*``, u's dtype) on views: (batch, C, L) u, delta (or the
-    low-rank (batch, R, L) input with ``W`` (C, R)), z and out, (batch, G, N, L) B and C, (C, N) A; D,
-    delta_bias and W contiguous. ``reverse`` runs back to front through views with negated token strides,
-    ``col_h`` > 0 walks the grid column by column; ``add`` adds the result to ``out``, ``gate_sum`` applies
-    the z gate to that sum instead of the result, and ``scale`` multiplies what is stored."""
-    batch, dim, length = u.shape
-    views = (u, delta, u if z is None else z, out, B, C)
-    rc = _entry("forward", u.dtype)(
-        *(_start(t, reverse) for t in (u, delta)),
-        A.data_ptr(),
-        *(_start(t, reverse) for t in (B, C)),
-        _ptr(D),
-        None if z is None else _start(z, reverse),
-        _ptr(delta_bias),
-        _ptr(W),
-        0 if W is None else W.shape[1],
-        col_h,
-        _start(out, reverse),
-        last.data_ptr(),
-        _int64s([batch, dim, length, A.shape[1], B.shape[1]]),
-        _int64s([s for t in views for s in _scan_strides(t, reverse)] + list(A.stride())),
-        int(bool(softplus)),
-        int(add),
-        int(gate_sum),
-        scale,
-        torch.get_num_threads(),
-    )
-    _check(rc, "forward")
+    out, last = _scan_views(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ("row",), None, "sum", None)
+    return out[:, 0], last
 
 
 def _slices(batch: int, groups: int, per_group: int, threads: int) -> int:
@@ -779,8 +737,21 @@ def _scan_in_place(u, delta, A, B, C, D, z, delta_bias, softplus, directions, gr
     ``delta_proj_weight``) the kernel computes each step from the low-rank input (dt_proj fused in). No
     autograd.
     """
+    out, _ = _scan_views(u, delta, A, B, C, D, z, delta_bias, softplus, directions, grid_size, merge, W)
+    return out if merge == "none" else out[:, 0]
+
+
+def _scan_views(u, delta, A, B, C, D, z, delta_bias, softplus, directions, grid_size, merge, W):
+    """:func:`_scan_in_place`'s calls; returns the output (batch, K or 1, C, L) in u's dtype and the last
+    state of the last direction (batch, C, N).
+
+    Each direction's blocks are passed as addresses and element strides computed here (a block of K along
+    dim 1 of the activations and dim 0 of the parameters; an activation that is not K blocks long is
+    shared), not as tensor views: this runs once per block of a model, where each view would cost more than
+    the arithmetic.
+    """
     k = len(directions)
-    batch, _, length = delta.shape
+    batch, steps, length = delta.shape
     total = A.shape[0]
     channels, dstate, groups = total // k, A.shape[1], B.shape[1] // k
     f = math_dtype(u)
@@ -791,35 +762,62 @@ def _scan_in_place(u, delta, A, B, C, D, z, delta_bias, softplus, directions, gr
         out = torch.empty((batch, length, slots, channels), dtype=f).permute(0, 2, 3, 1)
     else:
         out = torch.empty((batch, slots, channels, length), dtype=f)
-    last = torch.empty((batch, channels, dstate), dtype=f)  # required by the kernel, not returned
+    last = torch.empty((batch, channels, dstate), dtype=f)  # required by the kernel
     gate_sum = zf is not None and k > 1 and merge != "none" and zf.shape[1] == channels
+    size = uf.element_size()
+    # The activation views of direction 0, in the kernel's order, with the size of their block along dim 1
+    # (0: shared by the directions): their addresses, block steps and element strides, both ways.
+    views = [(uf, channels), (df, steps // k), (uf if zf is None else zf, channels), (out[:, 0], 0)]
+    views += [(Bf, groups), (Cf, groups)]
+    starts, steps_of, ends, forwards, backwards = [], [], [], [], []
+    for t, block in views:
+        strides = t.stride()
+        starts.append(t.data_ptr())
+        steps_of.append((block if t.shape[1] == k * block else 0) * strides[1] * size)
+        ends.append((length - 1) * strides[-1] * size)
+        forwards += strides
+        backwards += (*strides[:-1], -strides[-1])
+    steps_of[3] = out.stride(1) * size if merge == "none" else 0
+    strides_of = (_int64s(forwards + list(Af.stride())), _int64s(backwards + list(Af.stride())))
+    sizes = _int64s([batch, channels, length, dstate, groups])
+    forward = _entry("forward", f)
+    rank = 0 if Wf is None else Wf.shape[1]
+    threads = torch.get_num_threads()
+
+    def param(t: Tensor | None, i: int) -> int | None:
+        """Direction i's block of a parameter (K blocks along dim 0)."""
+        return None if t is None else t.data_ptr() + i * channels * t.stride(0) * size
+
     with _named("vmamba::cpu_multi_direction_scan"):
         for i, name in enumerate(directions):
-            ui, zi = (_block(t, i, k, channels) for t in (uf, zf))
-            if gate_sum and i < k - 1:
-                zi = None
-            Bi, Ci = (_block(t, i, k, groups) for t in (Bf, Cf))
-            Ai, Di, bi, Wi = (_block(t, i, k, channels, 0) for t in (Af, Df, bf, Wf))
-            _forward_in_place(
-                ui,
-                _block(df, i, k, delta.shape[1] // k),
-                Ai,
-                Bi,
-                Ci,
-                Di,
-                zi,
-                bi,
-                Wi,
-                out[:, i if merge == "none" else 0],
-                last,
-                softplus,
-                _REVERSED[name],
-                grid_size[0] if name in _COLUMN else 0,
-                merge != "none" and i > 0,
-                gate_sum,
-                1.0 / k if merge == "mean" and i == k - 1 else 1.0,
+            reverse = _REVERSED[name]
+            u_i, d_i, z_i, out_i, B_i, C_i = (
+                start + i * step + (end if reverse else 0) for start, step, end in zip(starts, steps_of, ends)
             )
-    return _as(out if merge == "none" else out[:, 0], u.dtype)
+            rc = forward(
+                u_i,
+                d_i,
+                param(Af, i),
+                B_i,
+                C_i,
+                param(Df, i),
+                None if zf is None or (gate_sum and i < k - 1) else z_i,
+                param(bf, i),
+                param(Wf, i),
+                rank,
+                grid_size[0] if name in _COLUMN else 0,
+                out_i,
+                last.data_ptr(),
+                sizes,
+                strides_of[reverse],
+                int(bool(softplus)),
+                int(merge != "none" and i > 0),
+                int(gate_sum),
+                1.0 / k if merge == "mean" and i == k - 1 else 1.0,
+                threads,
+            )
+            _check(rc, "forward")
+    return _as(out, u.dtype), last
 
 
 def _backward_in_place(
