@@ -48,6 +48,7 @@ __all__ = [
     "cpu_multi_direction_scan",
     "cpu_scan_backward",
     "cpu_scan_forward",
+    "cpu_vim_mixer",
     "kernel_math",
     "library_info",
 ]
@@ -228,6 +229,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ss_bidir_conv_f32.restype = i32
     lib.ss_bidir_conv_backward_f32.argtypes = [p, i64, i64, p, p, p, p, p, p, p, i64, i64, i64, i64, i32, i32]
     lib.ss_bidir_conv_backward_f32.restype = i32
+    lib.ss_vim_mixer_f32.argtypes = [p, i64, i64, p, i64, i64, p, p, p, p] + [i64] * 6 + [i32]
+    lib.ss_vim_mixer_f32.restype = i32
 
 
 _LIBRARY = _Library()
@@ -347,6 +350,69 @@ def cpu_bidirectional_conv1d_backward(
         )
     _check(rc, "bidirectional conv1d backward")
     return dx, dw_part.sum(0), None if bias is None else db_part.sum(0)
+
+
+# The widest x_proj output (R + 2N, in SIMD vectors) ss_vim_mixer_f32 takes.
+_MAX_PROJ_VECTORS = 12
+
+
+def cpu_vim_mixer(
+    x: Tensor,
+    z: Tensor,
+    direction_params: list[tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, Tensor, Tensor]],
+    u: Tensor | None = None,
+) -> Tensor | None:
+    """Vim's mixer between its two projections, for float32 CPU inference, in one call of the C++ library:
+    both directions' causal convolution + SiLU, x_proj and scan, averaged and gated by ``silu(z)``.
+
+    ``x`` and ``z`` are (batch, L, E) views with unit channel stride (the halves of in_proj's output);
+    ``direction_params`` holds, for the forward and then the backward direction, ``(conv weight (E, 1, k),
+    conv bias (E,) or None, x_proj weight (R + 2N, E), A_log (E, N), D (E,), dt_proj bias (E,), dt_proj
+    weight (E, R))``, contiguous float32; ``u`` an optional contiguous (batch, L, 2E) buffer for the
+    convolution's output. Returns the merged scan output (batch, L, E), token-major, or None when the
+    library cannot take the call (unavailable, or an x_proj wider than it handles): the caller then runs
+    the separate ops, which compute the same thing (:class:`vmamba.layers.BiMambaMixer`). No autograd.
+    """
+    lib = _LIBRARY.get()
+    batch, length, inner = x.shape
+    conv_weight, _, proj_weight, a_log, *_ = direction_params[0]
+    k, dstate = conv_weight.shape[-1], a_log.shape[1]
+    rank = proj_weight.shape[0] - 2 * dstate
+    if lib is None or batch == 0 or length == 0 or rank < 1:
+        return None
+    lanes = lib.ss_lanes(0)
+    padded = -(-proj_weight.shape[0] // lanes) * lanes
+    if padded // lanes > _MAX_PROJ_VECTORS:
+        return None
+    if u is None:
+        u = torch.empty((batch, length, 2 * inner), dtype=torch.float32)
+    xdbl = torch.empty((2, batch, length, padded), dtype=torch.float32)
+    out = torch.empty((batch, length, inner), dtype=torch.float32)
+    pointers = (ctypes.c_void_p * 14)(
+        *(_ptr(t) for i in range(7) for t in (direction_params[0][i], direction_params[1][i]))
+    )
+    with _named("vmamba::cpu_vim_mixer"):
+        rc = lib.ss_vim_mixer_f32(
+            x.data_ptr(),
+            x.stride(0),
+            x.stride(1),
+            z.data_ptr(),
+            z.stride(0),
+            z.stride(1),
+            pointers,
+            u.data_ptr(),
+            xdbl.data_ptr(),
+            out.data_ptr(),
+            batch,
+            length,
+            inner,
+            k,
+            dstate,
+            rank,
+            torch.get_num_threads(),
+        )
+    _check(rc, "vim mixer")
+    return out
 
 
 def cpu_add_rms_norm(

@@ -366,6 +366,10 @@ def test_portable_builds_match_reference(chunk, monkeypatch, tmp_path, isa):
             {k: None if v is None else v.float() for k, v in inputs.items()}, True, "cpu", upstream=want[3]
         )
         assert_scan_close(got, want, 2e-5, 2e-5)
+    # Vim's mixer core: x_proj's register blocking follows the vector width.
+    x, z, params = vim_mixer_inputs(2, 37, 24, 16, 3)
+    got = cpu_backend.cpu_vim_mixer(x, z, params)
+    torch.testing.assert_close(got.double(), vim_mixer_reference(x, z, params), rtol=2e-5, atol=2e-5)
 
 
 # --- The fused multi-direction forward (the backend's ``multi_direction`` hook) --------------------------
@@ -662,3 +666,102 @@ def test_multi_direction_training_low_rank_steps(chunk, monkeypatch):
         torch.testing.assert_close(
             leaves32[name].grad.double(), t.grad, rtol=2e-5, atol=2e-5 * scale, msg=name
         )
+
+
+# --- Vim's mixer core in one call (cpu_vim_mixer) ----------------------------------------------------------
+
+
+def vim_mixer_inputs(batch, length, inner, dstate, rank, k=4, conv_bias=True, seed=0):
+    """x and z as the halves of one token-major projection output, and both directions' parameters in the
+    layout of ``BiMambaMixer`` (float32)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    xz = rand(batch, length, 2 * inner)
+    params = []
+    for _ in range(2):
+        params.append(
+            (
+                rand(inner, 1, k, scale=0.5),
+                rand(inner, scale=0.1) if conv_bias else None,
+                rand(rank + 2 * dstate, inner, scale=inner**-0.5),
+                torch.log(torch.arange(1, dstate + 1, dtype=torch.float32)).repeat(inner, 1)
+                + rand(inner, dstate, scale=0.1),
+                rand(inner),
+                rand(inner, scale=0.5) - 3.0,
+                rand(inner, rank, scale=rank**-0.5),
+            )
+        )
+    return xz[..., :inner], xz[..., inner:], params
+
+
+def vim_mixer_reference(x, z, params):
+    """The mixer core in float64 from the separately tested references: the convolutions, x_proj, each
+    direction's scan (the backward one over the reversed sequence), averaged and gated by silu(z)."""
+    from vmamba.kernels import bidirectional_causal_conv1d_reference, selective_scan_reference
+
+    x, z = x.double(), z.double()
+    (cw_f, cb_f, *_), (cw_b, cb_b, *_) = params
+    u = bidirectional_causal_conv1d_reference(x, cw_f, cb_f, cw_b, cb_b, silu=True)
+    inner = x.shape[-1]
+    ys = []
+    for d, (_, _, proj, a_log, D, dt_b, dt_w) in enumerate(params):
+        ud = u[..., d * inner : (d + 1) * inner]
+        if d == 1:
+            ud = ud.flip(1)
+        xdbl = ud @ proj.double().t()
+        rank, dstate = dt_w.shape[1], a_log.shape[1]
+        delta = xdbl[..., :rank] @ dt_w.double().t()
+        y = selective_scan_reference(
+            ud.transpose(1, 2),
+            delta.transpose(1, 2),
+            -torch.exp(a_log.double()),
+            xdbl[..., rank : rank + dstate].transpose(1, 2),
+            xdbl[..., rank + dstate :].transpose(1, 2),
+            D.double(),
+            None,
+            dt_b.double(),
+            delta_softplus=True,
+        ).transpose(1, 2)
+        ys.append(y.flip(1) if d == 1 else y)
+    return (ys[0] + ys[1]) / 2 * torch.nn.functional.silu(z)
+
+
+@pytest.mark.parametrize(
+    "batch, length, inner, dstate, rank, conv_bias",
+    [(2, 37, 24, 16, 3, True), (1, 1, 16, 16, 12, True), (2, 70, 40, 4, 2, False), (1, 5, 7, 1, 1, True)],
+)
+def test_vim_mixer_matches_reference(chunk, batch, length, inner, dstate, rank, conv_bias):
+    x, z, params = vim_mixer_inputs(batch, length, inner, dstate, rank, conv_bias=conv_bias)
+    u = torch.empty(batch, length, 2 * inner)
+    got = cpu_backend.cpu_vim_mixer(x, z, params, u)
+    want = vim_mixer_reference(x, z, params)
+    assert got.shape == (batch, length, inner) and got.is_contiguous()
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+    # u holds the convolutions' output, as the separate op writes it.
+    (cw_f, cb_f, *_), (cw_b, cb_b, *_) = params
+    conv = cpu_backend.cpu_bidirectional_conv1d(
+        x,
+        torch.stack([cw_f.reshape(inner, -1), cw_b.reshape(inner, -1)]).transpose(1, 2).contiguous(),
+        None if cb_f is None else torch.stack([cb_f, cb_b]),
+        True,
+    )
+    torch.testing.assert_close(u, conv, rtol=0, atol=0)
+
+
+def test_vim_mixer_threads_and_wide_projections(chunk):
+    x, z, params = vim_mixer_inputs(2, 150, 48, 16, 24)
+    with_one = cpu_backend.cpu_vim_mixer(x, z, params)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with_two = cpu_backend.cpu_vim_mixer(x, z, params)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(with_one, with_two, rtol=0, atol=0)
+    # An x_proj wider than the kernel's register blocking takes (over 12 vectors) is declined.
+    lanes = cpu_backend.library_info()["lanes"]["float32"]
+    x, z, params = vim_mixer_inputs(1, 4, 8, 16, 12 * lanes)
+    assert cpu_backend.cpu_vim_mixer(x, z, params) is None

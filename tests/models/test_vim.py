@@ -531,6 +531,40 @@ def test_inference_shares_mixer_buffers_per_forward(monkeypatch):
     assert all(calls == [None] * len(model.blocks) for calls in buffers.values())
 
 
+def test_mixers_run_in_one_call_in_cpu_inference(monkeypatch):
+    """In float32 CPU inference each mixer's convolutions, x_proj GEMMs and scans are one library call
+    (cpu_vim_mixer), with the output of the separate ops; with gradients recorded, or another scan backend
+    asked for, the separate ops run."""
+    from vmamba.kernels import BACKEND_ENV_VAR
+    from vmamba.kernels.cpu import cpu_library_available
+
+    if not cpu_library_available():
+        pytest.skip("the C++ library cannot be built here")
+    torch.manual_seed(0)
+    model = small_vim(drop_path_rate=0.0).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    real = mamba_mixer.cpu_vim_mixer
+    monkeypatch.setattr(mamba_mixer, "cpu_vim_mixer", lambda *args: calls.append(1) or real(*args))
+    model(x)  # gradients recorded: the separate ops
+    assert calls == []
+    with torch.no_grad():
+        one_call = model(x)
+        assert len(calls) == len(model.blocks)
+        monkeypatch.setenv(BACKEND_ENV_VAR, "torch")
+        calls.clear()
+        on_torch = model(x)
+        assert calls == []
+        monkeypatch.delenv(BACKEND_ENV_VAR)
+        monkeypatch.setattr(BiMambaMixer, "_mix_in_one_call", lambda self, x, z, u: None)
+        separate = model(x)
+    torch.testing.assert_close(one_call, separate, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(on_torch, separate, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_shared_in_proj_buffer_keeps_bias_and_hooks(monkeypatch, bias):
     """The shared in_proj path computes in_proj's output itself: it adds a bias, and an in_proj with a

@@ -13,6 +13,8 @@ from vmamba.kernels import (
     is_eager_cpu_inference,
     multi_direction_selective_scan,
 )
+from vmamba.kernels.backends import resolve_backend
+from vmamba.kernels.cpu import cpu_vim_mixer
 
 from .recompute import recompute_in_backward
 from .ssm_init import init_a_log_, init_dt_bias_, init_dt_weight_
@@ -235,9 +237,43 @@ class BiMambaMixer(nn.Module):
         if xz is None:
             xz = self.in_proj(hidden_states)  # (B, L, 2E)
         x, z = xz[..., :e], xz[..., e:]
-        # Both directions' causal conv + SiLU: (B, L, 2E), the backward block anti-causal in storage order.
-        u = self._conv(x, _shared_buffer("conv", x, self.conv1d.weight, 2 * e))
-        return self.out_proj(self._project_and_scan(u, x, z).transpose(1, 2))
+        u = _shared_buffer("conv", x, self.conv1d.weight, 2 * e)
+        y = self._mix_in_one_call(x, z, u)
+        if y is None:
+            # Both directions' causal conv + SiLU: (B, L, 2E), the backward block anti-causal in storage order.
+            u = self._conv(x, u)
+            y = self._project_and_scan(u, x, z).transpose(1, 2)
+        return self.out_proj(y)
+
+    @torch.jit.ignore  # scripted models call it in Python, like the kernels it calls
+    def _mix_in_one_call(self, x: Tensor, z: Tensor, u: Tensor | None) -> Tensor | None:
+        """What :meth:`_conv` and :meth:`_project_and_scan` compute, (B, L, E) token-major, in one call of the
+        C++ library (:func:`vmamba.kernels.cpu.cpu_vim_mixer`), for float32 CPU inference where the scan
+        backend resolves to ``"cpu"``; None elsewhere (gradients recorded, tracing, other dtypes or backends).
+
+        One call instead of about 40 PyTorch ops a block (the parameter stacks, the views, the batched x_proj
+        GEMM, two scan calls): at 224 px a Vim block's fixed cost is most of its time.
+        """
+        directions = [
+            (self.conv1d, self.x_proj, self.A_log, self.D, self.dt_proj),
+            (self.conv1d_b, self.x_proj_b, self.A_b_log, self.D_b, self.dt_proj_b),
+        ]
+        params = [
+            (conv.weight, conv.bias, x_proj.weight, a_log, d, dt_proj.bias, dt_proj.weight)
+            for conv, x_proj, a_log, d, dt_proj in directions
+        ]
+        tensors = [t for group in params for t in group if t is not None]
+        if not (
+            is_eager_cpu_inference(x, z, *tensors)
+            and x.stride(-1) == 1
+            and z.stride(-1) == 1
+            and all(t.is_contiguous() for t in tensors)
+            and self.x_proj.bias is None
+            and self.x_proj_b.bias is None
+            and resolve_backend(self.scan_backend, x.device).name == "cpu"
+        ):
+            return None
+        return cpu_vim_mixer(x, z, params, u)
 
     @torch.jit.ignore  # reads the module's hooks, in Python (a scripted in_proj is never taken)
     def _in_proj_shared(self, hidden_states: Tensor) -> Tensor | None:
