@@ -20,6 +20,10 @@
 // steps and store nothing of size (L, N): they keep the state at every chunk start, then walk the chunks
 // backwards, recomputing each chunk's states before running the adjoint recurrence through it. Units of
 // rows / blocks run in parallel with OpenMP when the build has it.
+//
+// Also here, for Vim's blocks: the two causal depthwise convolutions (+ SiLU) and their backward, the fused
+// residual add + RMSNorm, and, for float32 inference, the whole mixer between its two projections in one
+// call (ss_vim_mixer_f32: the convolutions, x_proj and both scans).
 
 #include <cmath>
 #include <cstdint>
