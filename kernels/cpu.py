@@ -832,19 +832,17 @@ def _scan_views(u, delta, A, B, C, D, z, delta_bias, softplus, directions, grid_
     gate_sum = zf is not None and k > 1 and merge != "none" and zf.shape[1] == channels
     size = uf.element_size()
     # The activation views of direction 0, in the kernel's order, with the size of their block along dim 1
-    # (0: shared by the directions): their addresses, block steps and element strides, both ways.
+    # (0: shared by the directions): their start addresses and element strides in either scan order, and
+    # the step from one direction's block to the next.
     views = [(uf, channels), (df, steps // k), (uf if zf is None else zf, channels), (out[:, 0], 0)]
     views += [(Bf, groups), (Cf, groups)]
-    starts, steps_of, ends, forwards, backwards = [], [], [], [], []
-    for t, block in views:
-        strides = t.stride()
-        starts.append(t.data_ptr())
-        steps_of.append((block if t.shape[1] == k * block else 0) * strides[1] * size)
-        ends.append((length - 1) * strides[-1] * size)
-        forwards += strides
-        backwards += (*strides[:-1], -strides[-1])
-    steps_of[3] = out.stride(1) * size if merge == "none" else 0
-    strides_of = (_int64s(forwards + list(Af.stride())), _int64s(backwards + list(Af.stride())))
+    starts = [(_start(t, False), _start(t, True)) for t, _ in views]
+    steps_of = [(block if t.shape[1] == k * block else 0) * t.stride(1) * size for t, block in views]
+    steps_of[3] = out.stride(1) * size if merge == "none" else 0  # merge="none": a slot per direction
+    strides_of = tuple(
+        _int64s([s for t, _ in views for s in _scan_strides(t, reverse)] + list(Af.stride()))
+        for reverse in (False, True)
+    )
     sizes = _int64s([batch, channels, length, dstate, groups])
     forward = _entry("forward", f)
     rank = 0 if Wf is None else Wf.shape[1]
@@ -858,7 +856,7 @@ def _scan_views(u, delta, A, B, C, D, z, delta_bias, softplus, directions, grid_
         for i, name in enumerate(directions):
             reverse = _REVERSED[name]
             u_i, d_i, z_i, out_i, B_i, C_i = (
-                start + i * step + (end if reverse else 0) for start, step, end in zip(starts, steps_of, ends)
+                start[reverse] + i * step for start, step in zip(starts, steps_of)
             )
             rc = forward(
                 u_i,

@@ -1478,10 +1478,22 @@ SS_EXPORT int ss_bidir_conv_backward_f32(const float* x, int64_t sxb, int64_t sx
   return 0;
 }
 
+// exp, softplus and sigmoid of n floats, through the same vector code as the scan (for the tests).
+SS_EXPORT void ss_math_f32(int which, const float* x, float* y, int64_t n) {
+  constexpr int W = Vec<float>::W;
+  for (int64_t i = 0; i < n; i += W) {
+    VF v{};
+    const int64_t m = n - i < W ? n - i : W;
+    std::memcpy(&v, x + i, sizeof(float) * m);
+    v = which == 0 ? exp_fast(v) : which == 1 ? softplus(v) : sigmoid(v);
+    std::memcpy(y + i, &v, sizeof(float) * m);
+  }
+}
+
 // Vim's mixer between its two projections, for inference (float32), in one call: both directions' causal
 // convolutions + SiLU of x into u (batch, L, 2E), as ss_bidir_conv_f32; each direction's x_proj of its half
 // of u into xdbl (2, batch, L, P), P = R + 2N rounded up to whole vectors (xproj_rows; the weights packed
-// here); the two scans on views of those (forward_dispatch: the forward direction writes out, the reversed
+// here); the two scans on views of those (ss_forward_f32: the forward direction writes out, the reversed
 // one runs back to front, adds into it, gates the sum by silu(z) and halves it), with A = -exp(A_log)
 // computed here. x and z are (batch, L, E) views with unit channel stride; u, xdbl and out (batch, L, E)
 // contiguous. params: 14 pointers, two per parameter (forward, backward direction), all contiguous float32:
@@ -1512,14 +1524,8 @@ SS_EXPORT int ss_vim_mixer_f32(const float* x, int64_t sxb, int64_t sxl, const f
     for (int64_t c = 0; c < E; ++c) cbias[d * E + c] = conv_b[d] ? conv_b[d][c] : 0.0f;
     for (int64_t c = 0; c < E; ++c)
       for (int64_t p = 0; p < P; ++p) wt[(d * E + c) * P + p] = p < width ? proj_w[d][p * E + c] : 0.0f;
-    int64_t i = 0;
-    for (; i + W <= E * N; i += W) {
-      VF a;
-      std::memcpy(&a, a_log[d] + i, sizeof(VF));
-      a = -exp_fast(a);
-      std::memcpy(A + d * E * N + i, &a, sizeof(VF));
-    }
-    for (; i < E * N; ++i) A[d * E * N + i] = -exp_fast(a_log[d][i]);
+    ss_math_f32(0, a_log[d], A + d * E * N, E * N);  // exp, then negated
+    for (int64_t i = 0; i < E * N; ++i) A[d * E * N + i] = -A[d * E * N + i];
   }
   int rc = ss_bidir_conv_f32(x, sxb, sxl, taps, has_bias ? cbias : nullptr, u, batch, len, E, k, 1, nthreads);
   if (rc == 0) {
@@ -1532,43 +1538,26 @@ SS_EXPORT int ss_vim_mixer_f32(const float* x, int64_t sxb, int64_t sxl, const f
                        rows * part / parts, rows * (part + 1) / parts, E);
     }
   }
+  // The two scans through ss_forward_f32, on direction d's views: u, delta, z, out (batch, E, L) and B, C
+  // (batch, 1, N, L); the reversed direction's start at token L - 1 with negated token strides.
+  const int64_t sizes[5] = {batch, E, len, N, 1};
   for (int d = 0; d < 2 && rc == 0; ++d) {
-    // Direction d's views, (batch, E, L) and (batch, 1, N, L); the reversed one starts at token L - 1.
     const int64_t back = d == 1 ? len - 1 : 0, sign = d == 1 ? -1 : 1;
     const float* xd = xdbl + d * rows * P + back * P;
-    Fwd<float> s{u + d * E + back * 2 * E, xd, A + d * E * N, xd + R, xd + R + N, Dp[d],
-                 d == 1 ? z + back * szl : nullptr, dt_b[d], out + back * E, last, batch, E, len, N, 1,
-                 dt_w[d], R, 0};
-    const int64_t su[3] = {len * 2 * E, 1, sign * 2 * E}, sdelta[3] = {len * P, 1, sign * P};
-    const int64_t sz[3] = {szb, 1, sign * szl}, sout[3] = {len * E, 1, sign * E};
-    const int64_t sBC[4] = {len * P, 0, 1, sign * P}, sA[2] = {N, 1};
-    std::memcpy(s.su, su, sizeof su);
-    std::memcpy(s.sdelta, sdelta, sizeof sdelta);
-    std::memcpy(s.sz, sz, sizeof sz);
-    std::memcpy(s.sout, sout, sizeof sout);
-    std::memcpy(s.sB, sBC, sizeof sBC);
-    std::memcpy(s.sC, sBC, sizeof sBC);
-    std::memcpy(s.sA, sA, sizeof sA);
-    s.softplus = true;
-    s.accumulate = d == 1;
-    s.gate_sum = true;
-    s.scale = d == 1 ? 0.5f : 1.0f;
-    rc = forward_dispatch(s, nthreads);
+    const int64_t strides[23] = {len * 2 * E, 1, sign * 2 * E,  // u
+                                 len * P,     1, sign * P,      // delta (the low-rank input)
+                                 szb,         1, sign * szl,    // z
+                                 len * E,     1, sign * E,      // out
+                                 len * P, 0, 1, sign * P,       // B
+                                 len * P, 0, 1, sign * P,       // C
+                                 N,       1};                   // A
+    // The forward direction writes out ungated; the reversed one adds into it, gates the sum and halves it.
+    rc = ss_forward_f32(u + d * E + back * 2 * E, xd, A + d * E * N, xd + R, xd + R + N, Dp[d],
+                        d == 1 ? z + back * szl : nullptr, dt_b[d], dt_w[d], R, 0, out + back * E, last,
+                        sizes, strides, 1, d == 1, 1, d == 1 ? 0.5 : 1.0, nthreads);
   }
   std::free(ws);
   return rc;
-}
-
-// exp, softplus and sigmoid of n floats, through the same vector code as the scan (for the tests).
-SS_EXPORT void ss_math_f32(int which, const float* x, float* y, int64_t n) {
-  constexpr int W = Vec<float>::W;
-  for (int64_t i = 0; i < n; i += W) {
-    VF v{};
-    const int64_t m = n - i < W ? n - i : W;
-    std::memcpy(&v, x + i, sizeof(float) * m);
-    v = which == 0 ? exp_fast(v) : which == 1 ? softplus(v) : sigmoid(v);
-    std::memcpy(y + i, &v, sizeof(float) * m);
-  }
 }
 
 // Channels per SIMD block of the forward, for float (suffix 0) and double (1).
