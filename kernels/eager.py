@@ -47,9 +47,11 @@ def is_eager_cpu_activations(params, activations) -> bool:
     """:func:`is_eager_cpu` for float32 parameters and activations in float32 or, as CPU autocast makes
     them, bfloat16 or float16: where a C++ op that computes in float32 may run. None entries are skipped."""
     present = [t for t in activations if t is not None]
-    if not all(isinstance(t, Tensor) and t.dtype in _ACTIVATION_DTYPES for t in present):
+    if not all(
+        isinstance(t, Tensor) and t.device.type == "cpu" and t.dtype in _ACTIVATION_DTYPES for t in present
+    ):
         return False
-    return is_eager_cpu(*params) and all(is_eager_cpu(t, dtype=t.dtype) for t in present)
+    return is_eager_cpu(*params)  # the parameters, and the one check for tracing
 
 
 def is_eager_cpu_inference(*tensors: Tensor | None, dtype: torch.dtype = torch.float32) -> bool:
