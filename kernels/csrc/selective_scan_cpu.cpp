@@ -1255,9 +1255,33 @@ __attribute__((noinline)) void conv_dx_rows(const float* g, const float* w, floa
   }
 }
 
+// Rows [row, row + MR) of Vim's x_proj (xproj_rows): MR x NV accumulator vectors in registers; each channel
+// is NV vector loads of wt and MR broadcasts of u, MR x NV multiply-adds.
+template <int NV, int MR>
+inline void xproj_block(const float* __restrict__ u, int64_t su, const float* __restrict__ wt,
+                        float* __restrict__ out, int64_t row, int64_t E) {
+  constexpr int W = Vec<float>::W;
+  constexpr int64_t P = NV * W;
+  VF acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = VF{};
+  const float* ur = u + row * su;
+  for (int64_t c = 0; c < E; ++c) {
+    VF w[NV];
+    for (int v = 0; v < NV; ++v) std::memcpy(&w[v], wt + c * P + v * W, sizeof(VF));
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const float x = ur[r * su + c];
+      for (int v = 0; v < NV; ++v) acc[r][v] += x * w[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) std::memcpy(out + (row + r) * P + v * W, &acc[r][v], sizeof(VF));
+}
+
 // Vim's x_proj for inference: rows [row0, row1) of out (rows, NV W) = u (rows, E; row stride su) @ wt
-// (E, NV W), wt packed and zero-padded by the caller. A block of MR rows keeps MR x NV accumulator vectors
-// in registers; each channel is NV vector loads of wt and MR broadcasts of u, MR x NV multiply-adds.
+// (E, NV W), wt packed and zero-padded by the caller, in blocks of as many rows as the registers hold
+// accumulators for, the rest one row at a time.
 // Vim-Ti at 512: 0.8 ms for both directions (2 x 1025 x 384 -> 48), about the core's multiply-add peak, against
 // 1.0 ms for MKL's batched GEMM.
 template <int NV>
@@ -1266,38 +1290,9 @@ void xproj_rows(const float* __restrict__ u, int64_t su, const float* __restrict
   constexpr int W = Vec<float>::W;
   constexpr int kRegs = W == 16 ? 24 : 12;  // accumulators that leave room for the loads (32 or 16 registers)
   constexpr int MR = kRegs / NV < 1 ? 1 : kRegs / NV > 8 ? 8 : kRegs / NV;
-  constexpr int64_t P = NV * W;
   int64_t row = row0;
-  for (; row + MR <= row1; row += MR) {
-    VF acc[MR][NV];
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = VF{};
-    const float* ur = u + row * su;
-    for (int64_t c = 0; c < E; ++c) {
-      VF w[NV];
-      for (int v = 0; v < NV; ++v) std::memcpy(&w[v], wt + c * P + v * W, sizeof(VF));
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const float x = ur[r * su + c];
-        for (int v = 0; v < NV; ++v) acc[r][v] += x * w[v];
-      }
-    }
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) std::memcpy(out + (row + r) * P + v * W, &acc[r][v], sizeof(VF));
-  }
-  for (; row < row1; ++row) {
-    VF acc[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = VF{};
-    for (int64_t c = 0; c < E; ++c) {
-      const float x = u[row * su + c];
-      for (int v = 0; v < NV; ++v) {
-        VF w;
-        std::memcpy(&w, wt + c * P + v * W, sizeof(VF));
-        acc[v] += x * w;
-      }
-    }
-    for (int v = 0; v < NV; ++v) std::memcpy(out + row * P + v * W, &acc[v], sizeof(VF));
-  }
+  for (; row + MR <= row1; row += MR) xproj_block<NV, MR>(u, su, wt, out, row, E);
+  for (; row < row1; ++row) xproj_block<NV, 1>(u, su, wt, out, row, E);
 }
 
 // The widest x_proj output the mixer entry takes, in vectors (Vim-B: R + 2N = 80 floats, 5 AVX-512 vectors).
