@@ -8,6 +8,7 @@ See ``docs/kernels.md`` for the semantics and for which backend runs when.
 
 from .backends import BACKEND_ENV_VAR, BACKEND_NAMES, ScanBackend, available_backends, register_backend
 from .conv1d import bidirectional_causal_conv1d, bidirectional_causal_conv1d_reference
+from .decompositions import decompose_scans, scan_decompositions
 from .directions import multi_direction_selective_scan
 from .eager import is_eager_cpu, is_eager_cpu_inference
 from .non_causal_ssd import non_causal_ssd, non_causal_ssd_reference
@@ -31,6 +32,7 @@ __all__ = [
     "bidirectional_causal_conv1d_reference",
     "bidirectional_ssd_scan",
     "check_scan_inputs",
+    "decompose_scans",
     "from_directions",
     "is_eager_cpu",
     "is_eager_cpu_inference",
@@ -40,6 +42,7 @@ __all__ = [
     "non_causal_ssd_reference",
     "register_backend",
     "rms_norm",
+    "scan_decompositions",
     "selective_scan",
     "selective_scan_reference",
     "ssd_scan",

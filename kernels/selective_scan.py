@@ -165,13 +165,10 @@ def _backward(ctx, dout, dlast):
 _scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch._decomp.register_decomposition(torch.ops.vmamba.selective_scan.default)
-def _scan_as_aten_ops(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
-    """The op as ordinary aten ops (the pure-PyTorch path), for exporters that decompose it.
+def scan_as_aten_ops(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
+    """``vmamba::selective_scan`` as ordinary aten ops (the pure-PyTorch path), for exporters that decompose it.
 
-    ``selective_scan`` avoids the op during ONNX export, but before torch 2.8 the ``dynamo=True``
-    exporter does not set ``torch.onnx.is_in_onnx_export()``; it decomposes every op without an ONNX
-    function that has an entry in torch's decomposition table, so this entry makes the export work there.
+    It is not in torch's global decomposition table: see :mod:`vmamba.kernels.decompositions`.
     """
     return torch_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 

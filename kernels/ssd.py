@@ -255,6 +255,18 @@ def _backward(ctx, dout, dfinal):
 _ssd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def ssd_as_aten_ops(
+    x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size, directions,
+    grid_size, backend,
+):  # fmt: skip
+    """``vmamba::ssd_scan`` as ordinary aten ops (the chunked PyTorch path), for exporters that decompose it.
+
+    It is not in torch's global decomposition table: see :mod:`vmamba.kernels.decompositions`.
+    """
+    args = (x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, (dt_min, dt_max), chunk_size)
+    return torch_ssd_forward(*args, _names(directions), _grid(grid_size))
+
+
 # --- public API ----------------------------------------------------------------------------------------------
 
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ssd_reference import direction_permutation, process_dt
+from .ssd_reference import process_dt
+from .token_orders import from_direction_order, to_direction_order
 
 __all__ = ["chunked_ssd", "skip_and_gate", "torch_ssd_backward", "torch_ssd_forward"]
 
@@ -107,15 +108,16 @@ def skip_and_gate(y: Tensor, x: Tensor, D: Tensor | None, z: Tensor | None) -> T
 
 
 def _permutations(directions: Sequence[str], length: int, grid_size, device) -> list[tuple[Tensor, Tensor]]:
-    """(perm, inverse) index pairs per direction: ``t[:, perm]`` reorders, ``y[:, inverse]`` restores."""
-    pairs = []
-    for direction in directions:
-        perm = direction_permutation(direction, length, grid_size)
-        inverse = [0] * length
-        for position, index in enumerate(perm):
-            inverse[index] = position
-        pairs.append(tuple(torch.tensor(p, dtype=torch.long, device=device) for p in (perm, inverse)))
-    return pairs
+    """(perm, inverse) index pairs per direction: ``t[:, perm]`` reorders, ``y[:, inverse]`` restores.
+
+    Built from ``arange`` by tensor ops (not ``torch.tensor`` of a list), so that the function also runs as
+    a decomposition inside ``run_decompositions``, which needs a functional graph.
+    """
+    positions = torch.arange(length, device=device)
+    return [
+        (to_direction_order(positions, d, grid_size), from_direction_order(positions, d, grid_size))
+        for d in directions
+    ]
 
 
 def torch_ssd_forward(

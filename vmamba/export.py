@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from vmamba.contract import as_hw
+from vmamba.kernels import decompose_scans
 from vmamba.loading import LoadedModel, add_model_arguments, load_model_from_args
 
 __all__ = ["build_parser", "check_onnx", "export_input_size", "export_onnx", "main", "read_onnx_metadata"]
@@ -86,7 +87,8 @@ def export_onnx(
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    # decompose_scans: before torch 2.8 the exporter meets the scans as custom ops and decomposes them.
+    with torch.no_grad(), decompose_scans():
         program = torch.onnx.export(
             model,
             (example,),

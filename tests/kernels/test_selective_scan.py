@@ -228,17 +228,6 @@ def test_torch_export_keeps_the_custom_op():
     torch.testing.assert_close(exported.module()(*args), module(*args))
 
 
-def test_onnx_export_runs_in_onnxruntime(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    module, args = _scan_module()
-    path = tmp_path / "scan.onnx"
-    torch.onnx.export(module, args, str(path), dynamo=True)
-    session = ort.InferenceSession(str(path))
-    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
-    out = session.run(None, feeds)[0]
-    torch.testing.assert_close(torch.from_numpy(out), module(*args).detach(), rtol=1e-4, atol=1e-4)
-
-
 def test_custom_ops_have_explicit_schemas():
     """Every ``torch.library.custom_op`` in the package passes ``schema=``: torch < 2.8 cannot infer a
     schema from string annotations (``from __future__ import annotations``), which would break
